@@ -1,0 +1,393 @@
+"""One small storage API over local paths and ``s3://`` URIs.
+
+Every stage reads URIs and writes URIs. Writers publish atomically: a local file is
+written under a hidden temporary name in the destination directory and renamed into
+place; an S3 object only becomes visible when its single PUT or its multipart upload
+completes, and an aborted write aborts the upload. Listings never show temporary
+names, so a reader can never see half a shard.
+
+S3 settings come from boto3's usual sources (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL`` for MinIO/Ceph/moto, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+TEMP_MARK = ".tmp-"
+S3_PART_SIZE = 8 * 1024 * 1024  # S3 wants >= 5 MiB for all parts but the last
+_S3_SPOOL_MAX = 64 * 1024 * 1024  # reads below this stay in memory
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed in a way the caller should report as-is."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components for a local path or an s3:// URI."""
+    base = str(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = out + "/" + str(p).strip("/")
+        return out
+    return os.path.join(base, *[str(p) for p in parts])
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_temp_name(name: str) -> bool:
+    return TEMP_MARK in basename(name)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not is_s3(uri):
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"s3 URI has no bucket: {uri!r}")
+    return bucket, key
+
+
+_clients: dict[int, Any] = {}
+_client_lock = threading.Lock()
+
+
+def s3_client():
+    """A boto3 S3 client per process (clients are thread-safe but not fork-safe)."""
+    pid = os.getpid()
+    with _client_lock:
+        client = _clients.get(pid)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+            )
+            _clients[pid] = client
+        return client
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    return StorageError(f"S3 request for {uri} failed: {exc}")
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error(uri, exc) from exc
+    return os.path.exists(uri)
+
+
+def size(uri: str) -> int:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return os.path.getsize(uri)
+
+
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[IO[bytes]]:
+    """A seekable binary reader. Missing files raise FileNotFoundError naming the URI."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        spool = tempfile.SpooledTemporaryFile(max_size=_S3_SPOOL_MAX)
+        try:
+            s3_client().download_fileobj(bucket, key, spool)
+        except ClientError as exc:
+            spool.close()
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no such object: {uri}") from exc
+            raise _s3_error(uri, exc) from exc
+        spool.seek(0)
+        try:
+            yield spool
+        finally:
+            spool.close()
+    else:
+        if not os.path.exists(uri):
+            raise FileNotFoundError(f"no such file: {uri}")
+        with open(uri, "rb") as f:
+            yield f
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as f:
+        return f.read()
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+@contextlib.contextmanager
+def local_path(uri: str) -> Iterator[str]:
+    """A local filesystem path holding the object (downloaded to a temp file for S3)."""
+    if not is_s3(uri):
+        if not os.path.exists(uri):
+            raise FileNotFoundError(f"no such file: {uri}")
+        yield uri
+        return
+    bucket, key = split_s3(uri)
+    fd, tmp = tempfile.mkstemp(prefix="mofi-", suffix="-" + basename(uri))
+    os.close(fd)
+    try:
+        try:
+            s3_client().download_file(bucket, key, tmp)
+        except Exception as exc:  # botocore raises ClientError subclasses here
+            raise FileNotFoundError(f"cannot download {uri}: {exc}") from exc
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def list_files(prefix: str, suffix: str | None = None, recursive: bool = False) -> list[str]:
+    """Sorted URIs of the published files directly under ``prefix`` (or below, if recursive).
+
+    Temporary names are never listed. A missing prefix lists as empty.
+    """
+    out: list[str] = []
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        paginator = s3_client().get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        for page in paginator.paginate(**kwargs):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                if is_temp_name(name) or name.endswith("/"):
+                    continue
+                if suffix and not name.endswith(suffix):
+                    continue
+                out.append(f"s3://{bucket}/{name}")
+    else:
+        if not os.path.isdir(prefix):
+            return []
+        if recursive:
+            for root, dirs, files in os.walk(prefix):
+                dirs[:] = [d for d in dirs if not is_temp_name(d)]
+                for name in files:
+                    if is_temp_name(name) or (suffix and not name.endswith(suffix)):
+                        continue
+                    out.append(os.path.join(root, name))
+        else:
+            for entry in os.scandir(prefix):
+                if not entry.is_file() or is_temp_name(entry.name):
+                    continue
+                if suffix and not entry.name.endswith(suffix):
+                    continue
+                out.append(os.path.join(prefix, entry.name))
+    return sorted(out)
+
+
+# -------------------------------------------------------------------------- writes
+
+
+class _S3Writer(io.RawIOBase):
+    """Buffered writer that streams parts of a multipart upload.
+
+    Small objects go up with one PUT. Nothing is visible until ``commit``.
+    """
+
+    def __init__(self, uri: str, content_type: str | None = None):
+        super().__init__()
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self.extra = {"ContentType": content_type} if content_type else {}
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.buf.extend(b)
+        self.written += len(b)
+        while len(self.buf) >= S3_PART_SIZE:
+            self._upload_part(bytes(self.buf[:S3_PART_SIZE]))
+            del self.buf[:S3_PART_SIZE]
+        return len(b)
+
+    def _upload_part(self, data: bytes) -> None:
+        client = s3_client()
+        if self.upload_id is None:
+            resp = client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra)
+            self.upload_id = resp["UploadId"]
+        n = len(self.parts) + 1
+        resp = client.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=data
+        )
+        self.parts.append({"ETag": resp["ETag"], "PartNumber": n})
+
+    def commit(self) -> None:
+        client = s3_client()
+        if self.upload_id is None:
+            client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf), **self.extra)
+        else:
+            if self.buf:
+                self._upload_part(bytes(self.buf))
+            client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            )
+        self.buf = bytearray()
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                s3_client().abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+                )
+        self.buf = bytearray()
+
+
+def temp_name_for(path: str) -> str:
+    d, name = os.path.split(path)
+    return os.path.join(d, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def open_write(uri: str, content_type: str | None = None) -> Iterator[IO[bytes]]:
+    """Binary writer that publishes ``uri`` atomically when the block exits cleanly.
+
+    If the block raises, nothing is published and the temporary data is removed.
+    """
+    if is_s3(uri):
+        writer = _S3Writer(uri, content_type)
+        try:
+            yield writer  # type: ignore[misc]
+        except BaseException:
+            writer.abort()
+            raise
+        try:
+            writer.commit()
+        except Exception as exc:
+            writer.abort()
+            raise _s3_error(uri, exc) from exc
+        return
+    parent = os.path.dirname(os.path.abspath(uri))
+    os.makedirs(parent, exist_ok=True)
+    tmp = temp_name_for(os.path.abspath(uri))
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, uri)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_write(uri) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any, indent: int | None = 2) -> None:
+    write_text(uri, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+def publish_file(local_file: str, uri: str) -> None:
+    """Publish a finished local file at ``uri`` atomically (rename or S3 multipart upload)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        from boto3.s3.transfer import TransferConfig
+
+        try:
+            s3_client().upload_file(
+                local_file,
+                bucket,
+                key,
+                Config=TransferConfig(
+                    multipart_threshold=S3_PART_SIZE, multipart_chunksize=S3_PART_SIZE
+                ),
+            )
+        except Exception as exc:
+            raise _s3_error(uri, exc) from exc
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = temp_name_for(os.path.abspath(uri))
+    shutil.copyfile(local_file, tmp)
+    os.replace(tmp, uri)
+
+
+def delete(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(uri)
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory (S3 has no directories: a no-op there)."""
+    if not is_s3(uri):
+        os.makedirs(uri, exist_ok=True)
+
+
+def clean_temp(prefix: str) -> int:
+    """Remove leftover local temporary files under ``prefix`` (from killed writers)."""
+    if is_s3(prefix) or not os.path.isdir(prefix):
+        return 0
+    n = 0
+    for root, _dirs, files in os.walk(prefix):
+        for name in files:
+            if TEMP_MARK in name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(root, name))
+                    n += 1
+    return n

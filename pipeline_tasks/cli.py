@@ -1,0 +1,207 @@
+"""The ``mofi`` command. Each subcommand is a thin parser over one library call.
+
+Heavy imports (torch, Spark, spaCy) happen inside the subcommand that needs them, so
+``mofi status`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from training.core.config import ConfigError
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------ subcommands
+
+
+def cmd_kb(args: argparse.Namespace) -> int:
+    from pipeline_tasks import kb, recipes
+
+    config = recipes.get(args.config).kb
+    if args.source:
+        config = config.replace(sources=tuple(args.source))
+    if args.min_city_population is not None:
+        config = config.replace(min_city_population=args.min_city_population)
+    t0 = time.time()
+    stats = kb.build_kb(config, args.out)
+    drops = ", ".join(f"{k}={v}" for k, v in stats.drops.items()) or "none"
+    print(
+        f"kb: {stats.n_out} entities from {stats.n_in} rows -> {args.out} ({time.time() - t0:.1f}s); skipped: {drops}"
+    )
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from pipeline_tasks import corpus, recipes
+
+    config = recipes.get(args.config).corpus
+    changes = {
+        k: v
+        for k, v in (
+            ("pairs", args.pairs),
+            ("seed", args.seed),
+            ("shard_size", args.shard_size),
+            ("workers", args.workers),
+        )
+        if v is not None
+    }
+    if args.stamps:
+        changes["stamps_dir"] = args.stamps
+    config = config.replace(**changes)
+    t0 = time.time()
+    result = corpus.build_corpus(
+        config,
+        out_uri=args.out,
+        kb_uri=args.kb,
+        eval_out=args.eval_out,
+        truth_out=args.truth_out,
+        progress=not args.no_progress,
+    )
+    print(
+        f"corpus: {result['samples']} pairs in {result['shards']} shards -> {args.out} "
+        f"({time.time() - t0:.1f}s); eval images: {result['eval_images']} in {result['eval_classes']} classes -> {result['eval_dir']}; "
+        f"truth -> {result['truth_dir']}"
+    )
+    return 0
+
+
+def cmd_fetch_stamps(args: argparse.Namespace) -> int:
+    from pipeline_tasks import stamps
+
+    path = stamps.ensure_stamps(args.dir)
+    n = len(stamps.list_stamps(path))
+    print(f"stamps: {n} picture + caption pairs in {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline_tasks import status
+
+    while True:
+        summaries = status.summarize_run(args.run)
+        if args.json:
+            print(json.dumps({"run": args.run, "stages": summaries}, indent=2, sort_keys=True))
+        else:
+            print(status.render(summaries, args.run))
+        if not args.watch:
+            break
+        time.sleep(args.watch)
+        print()
+    return 1 if any(s["failed"] for s in summaries) else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline_tasks import recipes
+
+    if args.action == "list":
+        for name, fn in recipes.RECIPES.items():
+            print(f"{name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    bundle = recipes.get(args.name)
+    if args.action == "show":
+        print(bundle.to_json())
+    else:  # doc
+        for stage in bundle.stages():
+            print(f"[{stage.stage_name()}]  {(type(stage).__doc__ or '').strip().splitlines()[0]}")
+            for name, _default, doc in type(stage).describe():
+                print(f"  {name:<24}{getattr(stage, name)!r:<28}{doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mofi",
+        description="MOFI pipeline: noisy image-text pairs -> I2E dataset -> MOFI encoders",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=1, help="more logging (-vv for debug)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("kb", help="build the knowledge base (entities.parquet)")
+    s.add_argument("--out", required=True, help="KB root URI (local path or s3://)")
+    s.add_argument("--config", default="demo", help="named config (mofi config list)")
+    s.add_argument(
+        "--source",
+        action="append",
+        help="a builtin source (vital, countries, cities) or a KB table path/URI; repeatable; replaces the config's sources",
+    )
+    s.add_argument("--min-city-population", type=int, default=None)
+    s.set_defaults(fn=cmd_kb)
+
+    s = sub.add_parser(
+        "corpus", help="write the demo corpus (img2dataset layout) from real pictures"
+    )
+    s.add_argument("--out", required=True, help="raw corpus root URI")
+    s.add_argument(
+        "--kb", required=True, help="KB root URI (ground-truth entities are linked to it)"
+    )
+    s.add_argument("--pairs", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--shard-size", type=int, default=None)
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument(
+        "--stamps",
+        default=None,
+        help="folder of picture + caption pairs (default: fetched tuxpaint stamps)",
+    )
+    s.add_argument(
+        "--eval-out", default=None, help="held-out evaluation folder (default: OUT/../eval)"
+    )
+    s.add_argument("--truth-out", default=None, help="ground truth folder (default: OUT/../truth)")
+    s.add_argument("--config", default="demo")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_corpus)
+
+    s = sub.add_parser("fetch-stamps", help="fetch and cache the tuxpaint stamp pictures")
+    s.add_argument(
+        "--dir", default=None, help="cache folder (default: data/stamps or $MOFI_STAMPS_DIR)"
+    )
+    s.set_defaults(fn=cmd_fetch_stamps)
+
+    s = sub.add_parser("status", help="shard progress of a run, read from its markers")
+    s.add_argument("run", help="run root URI (its direct sub-folders are scanned too)")
+    s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
+    s.add_argument(
+        "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
+    )
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("config", help="list, show or document the named configs")
+    s.add_argument("action", choices=["list", "show", "doc"])
+    s.add_argument("name", nargs="?", default="demo")
+    s.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(0 if args.quiet else args.verbose)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"mofi {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"mofi {args.cmd}: interrupted; completed shards keep their markers, re-run to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

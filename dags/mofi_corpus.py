@@ -1,0 +1,72 @@
+"""Build the knowledge base and the demo corpus for one version, then report shard status.
+
+Wiring only: each task launches the `mofi` command in its own process, so no heavy
+compute runs inside the Airflow worker. Outputs are partitioned by the run's logical date:
+ROOT/v=YYYY-MM-DD/{kb,raw,truth,eval}. Re-running a date resumes: finished shards keep
+their done markers and are skipped.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+# The interpreter that parses this file is the project's virtualenv (or the image's).
+MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
+VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
+
+
+@dag(
+    dag_id="mofi_corpus",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mofi", "data"],
+    params={
+        "root": Param(
+            "runs/airflow",
+            type="string",
+            description="run root (local path or s3://); outputs go to ROOT/v=<logical date>",
+        ),
+        "config": Param(
+            "demo",
+            enum=["cpu_test", "demo", "production"],
+            description="named config (mofi config list)",
+        ),
+        "pairs": Param(
+            5000, type="integer", minimum=1, description="image/alt-text pairs to write"
+        ),
+        "seed": Param(0, type="integer", description="corpus seed"),
+        "stamps": Param(
+            "",
+            type="string",
+            description="picture + caption folder (empty: the cached tuxpaint stamps)",
+        ),
+    },
+    doc_md=__doc__,
+)
+def mofi_corpus():
+    @task.bash
+    def build_kb() -> str:
+        return f"{MOFI} kb --config {{{{ params.config }}}} --out {VERSION_ROOT}/kb"
+
+    @task.bash
+    def build_corpus() -> str:
+        stamps = "{% if params.stamps %}--stamps {{ params.stamps }}{% endif %}"
+        return (
+            f"{MOFI} corpus --config {{{{ params.config }}}} --out {VERSION_ROOT}/raw --kb {VERSION_ROOT}/kb "
+            f"--pairs {{{{ params.pairs }}}} --seed {{{{ params.seed }}}} --no-progress {stamps}"
+        )
+
+    @task.bash
+    def report_status() -> str:
+        return f"{MOFI} status {VERSION_ROOT}"
+
+    build_kb() >> build_corpus() >> report_status()
+
+
+mofi_corpus()

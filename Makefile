@@ -32,6 +32,7 @@ verify: setup
 demo: setup
 	$(VENV)/bin/mofi kb --out $(RUN)/kb
 	$(VENV)/bin/mofi corpus --out $(RUN)/raw --kb $(RUN)/kb --pairs $(PAIRS) --seed $(SEED) --config demo
+	$(VENV)/bin/mofi build-i2e --raw $(RUN)/raw --kb $(RUN)/kb --run $(RUN) --out $(RUN)/i2e --config demo
 	$(VENV)/bin/mofi status $(RUN)
 
 test: setup

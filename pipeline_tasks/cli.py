@@ -86,6 +86,112 @@ def cmd_fetch_stamps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle(args: argparse.Namespace):
+    from pipeline_tasks import recipes
+
+    return recipes.get(args.config)
+
+
+def _print_result(name: str, res: dict) -> None:
+    import json as _json
+
+    print(f"{name}: " + _json.dumps(res, sort_keys=True, default=str))
+
+
+def cmd_ner(args: argparse.Namespace) -> int:
+    from pipeline_tasks import ner
+
+    c = _bundle(args).ner
+    if args.master:
+        c = c.replace(spark=c.spark.replace(master=args.master))
+    res = ner.run_ner(c, args.raw, args.kb, args.run, progress=not args.no_progress)
+    _print_result("ner", res)
+    return 1 if res["failed"] else 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from pipeline_tasks import bootstrap, scoring
+
+    c = _bundle(args).bootstrap
+    if args.objective:
+        c = c.replace(objective=args.objective)
+    out = args.out or scoring.default_packaged_checkpoint(args.run)
+    res = bootstrap.bootstrap_scorer(
+        c, args.raw, out, args.run, args.kb, progress=not args.no_progress
+    )
+    _print_result("scorer-bootstrap", res)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline_tasks import scoring
+
+    c = _bundle(args).score
+    changes = {
+        k: v
+        for k, v in (
+            ("backend", args.backend),
+            ("model", args.model),
+            ("devices", args.devices),
+            ("batch_size", args.batch_size),
+        )
+        if v is not None
+    }
+    c = c.replace(**changes)
+    res = scoring.run_score(c, args.raw, args.run, args.kb, progress=not args.no_progress)
+    _print_result("score", res)
+    return 1 if res.get("failed") else 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from pipeline_tasks import vocab
+
+    c = _bundle(args).vocab
+    changes = {
+        k: v
+        for k, v in (
+            ("threshold", args.threshold),
+            ("top_k", args.top_k),
+            ("min_count", args.min_count),
+        )
+        if v is not None
+    }
+    res = vocab.run_vocab(c.replace(**changes), args.run, args.kb, progress=not args.no_progress)
+    _print_result("vocab", res)
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from pipeline_tasks import write
+
+    c = _bundle(args).write
+    if args.shard_size is not None:
+        c = c.replace(shard_size=args.shard_size)
+    res = write.run_write(c, args.raw, args.run, args.out, progress=not args.no_progress)
+    _print_result("write", res)
+    return 0
+
+
+def cmd_build_i2e(args: argparse.Namespace) -> int:
+    from pipeline_tasks import build
+
+    p = _bundle(args)
+    run = args.run or corpus_sibling(args.out, "i2e_run")
+    t0 = time.time()
+    res = build.build_i2e(p, args.raw, args.kb, run, args.out, progress=not args.no_progress)
+    w = res["write"]
+    print(
+        f"build-i2e: {w['num_samples']} images, {w['num_classes']} classes in {w['num_shards']} shards -> {args.out} ({time.time() - t0:.0f}s); work files in {run}"
+    )
+    return 0
+
+
+def corpus_sibling(uri: str, name: str) -> str:
+    from pipeline_tasks.corpus import sibling
+
+    return sibling(uri, name)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline_tasks import status
 
@@ -172,6 +278,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_fetch_stamps)
 
+    def stage_parser(name: str, help: str, raw: bool = True, kb: bool = True):
+        sp = sub.add_parser(name, help=help)
+        if raw:
+            sp.add_argument("--raw", required=True, help="raw corpus root (img2dataset layout)")
+        if kb:
+            sp.add_argument("--kb", required=True, help="KB root URI")
+        sp.add_argument("--config", default="demo", help="named config (mofi config list)")
+        sp.add_argument("--no-progress", action="store_true")
+        return sp
+
+    s = stage_parser("ner", "Spark job: NER + KB linking over raw captions")
+    s.add_argument("--out", "--run", dest="run", required=True, help="run root URI; writes RUN/ner")
+    s.add_argument("--master", default=None, help="Spark master (overrides the config)")
+    s.set_defaults(fn=cmd_ner)
+
+    s = stage_parser(
+        "scorer-bootstrap", "train the packaged CLIP-style scorer's heads on the raw corpus"
+    )
+    s.add_argument(
+        "--run", required=True, help="run root URI (reads RUN/ner for the entity objective)"
+    )
+    s.add_argument("--out", default=None, help="checkpoint URI (default RUN/scorer/packaged.pt)")
+    s.add_argument("--objective", choices=["entity", "caption"], default=None)
+    s.set_defaults(fn=cmd_bootstrap)
+
+    s = stage_parser("score", "image/entity similarity workers (one per device)")
+    s.add_argument("--run", required=True, help="run root URI; reads RUN/ner, writes RUN/score")
+    s.add_argument("--backend", choices=["packaged", "open_clip", "mofi"], default=None)
+    s.add_argument(
+        "--model", default=None, help="checkpoint URI, or for open_clip ARCH[:TAG_OR_PATH]"
+    )
+    s.add_argument("--devices", default=None, help="auto, cpu, or cuda:0,cuda:1")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.set_defaults(fn=cmd_score)
+
+    s = stage_parser(
+        "vocab", "Spark job: threshold pairs, count images per entity, assign classes", raw=False
+    )
+    s.add_argument("--run", required=True)
+    s.add_argument("--threshold", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--min-count", type=int, default=None)
+    s.set_defaults(fn=cmd_vocab)
+
+    s = stage_parser("write", "I2E WebDataset shards + Parquet sidecars + sizes.json", kb=False)
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help="I2E root URI")
+    s.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="samples per output shard (0: keep input sharding)",
+    )
+    s.set_defaults(fn=cmd_write)
+
+    s = stage_parser("build-i2e", "all I2E stages in order (resumable)")
+    s.add_argument("--out", required=True, help="I2E root URI")
+    s.add_argument(
+        "--run", default=None, help="work root for intermediate stages (default: OUT/../i2e_run)"
+    )
+    s.set_defaults(fn=cmd_build_i2e)
+
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run root URI (its direct sub-folders are scanned too)")
     s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
@@ -195,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mofi {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a stage failed; its markers say which shards
+        print(f"mofi {args.cmd}: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"mofi {args.cmd}: interrupted; completed shards keep their markers, re-run to resume",

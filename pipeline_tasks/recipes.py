@@ -8,8 +8,13 @@ from collections.abc import Callable
 
 from training.core.config import ConfigError, StageConfig
 
+from .bootstrap import BootstrapConfig
 from .corpus import CorpusConfig
 from .kb import KBConfig
+from .ner import NerConfig
+from .scoring import ScoreConfig
+from .vocab import VocabConfig
+from .write import WriteConfig
 
 
 @dataclasses.dataclass
@@ -19,6 +24,11 @@ class PipelineConfig:
     name: str
     kb: KBConfig
     corpus: CorpusConfig
+    ner: NerConfig = dataclasses.field(default_factory=NerConfig)
+    bootstrap: BootstrapConfig = dataclasses.field(default_factory=BootstrapConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+    write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
 
     def stages(self) -> list[StageConfig]:
         return [

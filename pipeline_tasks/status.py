@@ -9,6 +9,19 @@ from typing import Any
 from training.core import markers, storage
 
 STALE_RUNNING_S = 6 * 3600
+# pipeline order for display; unknown stages go last, alphabetically
+STAGE_ORDER = [
+    "pictures",
+    "corpus",
+    "kb",
+    "ner",
+    "score",
+    "vocab",
+    "labels",
+    "write",
+    "train",
+    "eval",
+]
 
 
 def _roots(run_uri: str) -> list[tuple[str, str]]:
@@ -116,7 +129,8 @@ def summarize_run(run_uri: str) -> list[dict[str, Any]]:
             s = summarize_stage(root, stage)
             s["where"] = label or "."
             out.append(s)
-    return out
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), s["stage"], s["where"]))
 
 
 def _human_bytes(n: float) -> str:

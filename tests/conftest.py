@@ -130,16 +130,20 @@ def draw_picture(path: str, shape: str, colour: tuple[int, int, int], size: int 
     im.save(path)
 
 
-@pytest.fixture
-def picture_folder(tmp_path):
+def make_picture_folder(root) -> None:
     """13 good picture + caption pairs in 3 categories (one with a style sub-folder)."""
-    root = tmp_path / "pictures"
     for cat, items in PICTURES.items():
         for stem, caption, shape, colour in items:
             sub = root / cat / ("cartoon" if stem == "apple_green" else "")
             sub.mkdir(parents=True, exist_ok=True)
             draw_picture(str(sub / f"{stem}.png"), shape, colour)
             (sub / f"{stem}.txt").write_text(caption + "\nfr.utf8=traduction\n", encoding="utf-8")
+
+
+@pytest.fixture
+def picture_folder(tmp_path):
+    root = tmp_path / "pictures"
+    make_picture_folder(root)
     return root
 
 
@@ -280,3 +284,29 @@ def tiny_kb(tmp_path, tiny_kb_table):
     out = str(tmp_path / "kb")
     build_kb(KBConfig(sources=(tiny_kb_table,)), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A 64-pair corpus (4 shards) over the tiny KB, built once per test session; treat as read-only."""
+    from pipeline_tasks import corpus, recipes
+    from pipeline_tasks.kb import KBConfig, build_kb
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    pictures = root / "pictures"
+    make_picture_folder(pictures)
+    kb_table = root / "tiny_kb.jsonl"
+    kb_table.write_text("".join(json.dumps(r) + "\n" for r in TINY_KB), encoding="utf-8")
+    kb = str(root / "kb")
+    build_kb(KBConfig(sources=(str(kb_table),)), kb)
+    c = recipes.cpu_test().corpus.replace(
+        stamps_dir=str(pictures), pairs=64, shard_size=16, holdout_min_pictures=5
+    )
+    corpus.build_corpus(c, str(root / "raw"), kb, progress=False)
+    return {
+        "root": root,
+        "raw": str(root / "raw"),
+        "kb": kb,
+        "truth": str(root / "truth"),
+        "eval": str(root / "eval"),
+    }

@@ -37,12 +37,15 @@ class StageConfig:
         self.validate()
 
     def _coerce_types(self) -> None:
-        # JSON has no tuples and ints may arrive for floats; normalise so equality holds.
+        # JSON has no tuples, ints may arrive for floats and nested configs arrive as dicts;
+        # normalise so a loaded config equals the saved one.
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             hint = hints.get(f.name)
-            if hint is float and isinstance(v, int) and not isinstance(v, bool):
+            if isinstance(hint, type) and issubclass(hint, StageConfig) and isinstance(v, dict):
+                setattr(self, f.name, hint.from_dict(v))
+            elif hint is float and isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, f.name, float(v))
             elif typing.get_origin(hint) is tuple and isinstance(v, list):
                 setattr(self, f.name, tuple(v))

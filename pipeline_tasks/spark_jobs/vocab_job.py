@@ -1,0 +1,187 @@
+"""spark-submit entry point of `mofi vocab` (see pipeline_tasks/vocab.py). Usage: vocab_job.py SPEC.json
+
+Score files are read through the storage API inside ``mapInPandas`` (local or s3://), the
+filters, per-image top-k window, per-entity quantiles and image counts run as Spark SQL, the
+vocabulary (small: one row per kept entity) is collected and published by the driver, and
+each shard's labels are published by ``applyInPandas`` grouped by shard, then marked done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import pandas as pd
+
+SCORE_SCHEMA = "shard string, key string, entity_id string, similarity float"
+LABEL_STATS = "shard string, n long"
+
+
+def read_scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    from training.core import storage
+
+    for pdf in batches:
+        for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
+            with storage.open_read(uri) as f:
+                t = pq.read_table(f, columns=["key", "entity_id", "similarity"]).to_pandas()
+            t.insert(0, "shard", shard)
+            yield t
+
+
+def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline_tasks.vocab import LABELS_SCHEMA
+    from training.core import markers, storage
+
+    t0 = time.time()
+    shard = str(pdf["shard"].iloc[0])
+    store = markers.MarkerStore(spec["labels_uri"], "labels")
+    store.mark_running(shard)
+    pdf = pdf.sort_values(["key", "similarity", "entity_id"], ascending=[True, False, True])
+    keys, eids, cls, sims = [], [], [], []
+    for key, g in pdf.groupby("key", sort=True):
+        keys.append(key)
+        eids.append(g["entity_id"].tolist())
+        cls.append([int(x) for x in g["class_index"]])
+        sims.append([float(x) for x in g["similarity"]])
+    table = pa.table(
+        {"key": keys, "entity_ids": eids, "class_indices": cls, "similarities": sims},
+        schema=LABELS_SCHEMA,
+    )
+    uri = storage.join(spec["labels_uri"], f"{shard}.parquet")
+    with storage.open_write(uri) as f:
+        pq.write_table(table, f, compression="zstd")
+    st = markers.ShardStats(
+        n_in=int(spec["images_in"].get(shard, len(keys))), n_out=len(keys), started_at=t0
+    )
+    dropped = st.n_in - st.n_out
+    if dropped > 0:
+        st.drop("no_entity_kept", dropped)
+    st.bytes_out = storage.size(uri)
+    st.extra = {"labels": int(len(pdf))}
+    st.finished_at = time.time()
+    st.duration_s = round(st.finished_at - t0, 3)
+    store.mark_done(shard, st)
+    return pd.DataFrame([{"shard": shard, "n": len(keys)}])
+
+
+def main(spec_path: str) -> int:
+    from functools import partial
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql import SparkSession, Window
+    from pyspark.sql import functions as F
+
+    from pipeline_tasks.kb import load_kb
+    from pipeline_tasks.vocab import LABELS_SCHEMA, VOCAB_SCHEMA
+    from training.core import markers, storage
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    c = spec["config"]
+    t0 = time.time()
+    spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    vstore = markers.MarkerStore(spec["vocab_uri"], "vocab")
+    vstore.mark_running("00000")
+    files = spec["score_files"]
+    n_parts = min(len(files), 2 * spark.sparkContext.defaultParallelism)
+    scores = (
+        spark.createDataFrame(files, "shard string, uri string")
+        .repartition(max(1, n_parts))
+        .mapInPandas(read_scores, schema=SCORE_SCHEMA)
+    )
+    scores = scores.cache()
+    pairs_in = scores.count()
+    images_in = {
+        r["shard"]: r["n"]
+        for r in scores.groupBy("shard").agg(F.countDistinct("key").alias("n")).collect()
+    }
+    kept = scores.filter(F.col("similarity") >= F.lit(float(c["threshold"])))
+    if c["top_k"] > 0:
+        w = Window.partitionBy("shard", "key").orderBy(F.desc("similarity"), F.asc("entity_id"))
+        kept = (
+            kept.withColumn("_rank", F.row_number().over(w))
+            .filter(F.col("_rank") <= c["top_k"])
+            .drop("_rank")
+        )
+    if c["entity_quantile"] > 0:
+        q = kept.groupBy("entity_id").agg(
+            F.percentile_approx("similarity", float(c["entity_quantile"]), 10000).alias("_q")
+        )
+        kept = kept.join(q, "entity_id").filter(F.col("similarity") >= F.col("_q")).drop("_q")
+    counts = kept.groupBy("entity_id").agg(F.countDistinct("shard", "key").alias("n_images"))
+    candidates = counts.count()
+    vocab = (
+        counts.filter(F.col("n_images") >= int(c["min_count"]))
+        .toPandas()
+        .sort_values("entity_id")
+        .reset_index(drop=True)
+    )
+    vocab["class_index"] = range(len(vocab))
+    kb = load_kb(spec["kb_uri"]).select(["entity_id", "name", "description"]).to_pandas()
+    vocab = vocab.merge(kb, on="entity_id", how="left")
+    vocab["name"] = vocab["name"].fillna(vocab["entity_id"])
+    vocab["description"] = vocab["description"].fillna("")
+    table = pa.Table.from_pandas(
+        vocab[["entity_id", "name", "description", "n_images", "class_index"]],
+        schema=VOCAB_SCHEMA,
+        preserve_index=False,
+    )
+    vocab_file = storage.join(spec["vocab_uri"], "vocab.parquet")
+    with storage.open_write(vocab_file) as f:
+        pq.write_table(table, f)
+    # per-shard labels: only classes of the vocabulary
+    idx = spark.createDataFrame(vocab[["entity_id", "class_index"]]) if len(vocab) else None
+    n_labelled = 0
+    written = set()
+    if idx is not None:
+        labelled = kept.join(F.broadcast(idx), "entity_id")
+        spec["images_in"] = images_in
+        res = (
+            labelled.groupBy("shard")
+            .applyInPandas(partial(write_labels, spec), schema=LABEL_STATS)
+            .collect()
+        )
+        written = {r["shard"] for r in res}
+        n_labelled = sum(r["n"] for r in res)
+    lstore = markers.MarkerStore(spec["labels_uri"], "labels")
+    for shard, _ in files:  # shards where nothing survived still get (empty) labels and a marker
+        if shard in written:
+            continue
+        uri = storage.join(spec["labels_uri"], f"{shard}.parquet")
+        with storage.open_write(uri) as f:
+            pq.write_table(pa.Table.from_pylist([], schema=LABELS_SCHEMA), f)
+        n = int(images_in.get(shard, 0))
+        st = markers.ShardStats(n_in=n, n_out=0, drops={"no_entity_kept": n} if n else {})
+        lstore.mark_done(shard, st)
+    kept_pairs = int(kept.count())
+    st = markers.ShardStats(
+        n_in=int(pairs_in), n_out=kept_pairs, started_at=t0, finished_at=time.time()
+    )
+    st.duration_s = round(st.finished_at - t0, 3)
+    st.bytes_out = storage.size(vocab_file)
+    st.drop("pair_below_threshold_or_rank", int(pairs_in - kept_pairs))
+    st.extra = {
+        "pairs_in": int(pairs_in),
+        "pairs_kept": kept_pairs,
+        "entities_seen": int(candidates),
+        "entities_kept": int(len(vocab)),
+        "images_in": int(sum(images_in.values())),
+        "images_labelled": int(n_labelled),
+    }
+    vstore.mark_done("00000", st)
+    print("MOFI_VOCAB", json.dumps(st.extra), flush=True)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

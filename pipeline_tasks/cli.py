@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--devices", default=None, help="auto, cpu, or cuda:0,cuda:1")
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument(
+        "--loader-workers", type=int, default=None, help="decode processes per scoring worker"
+    )
     s.set_defaults(fn=cmd_score)
 
     s = stage_parser(

@@ -121,7 +121,7 @@ class ScorerBackend:
     def _texts(self, texts: list[str]):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def encode_images(self, batch_u8):
+    def encode_images(self, batch_u8, on_device: bool = False):
         import torch
 
         from training.core.device import autocast
@@ -132,7 +132,8 @@ class ScorerBackend:
         )
         with torch.inference_mode(), autocast(self.device, self.dtype):
             f = self._images(x)
-        return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
+        f = torch.nn.functional.normalize(f.float(), dim=-1)
+        return f if on_device else f.cpu()
 
     def encode_texts(self, texts: list[str]):
         import torch
@@ -319,6 +320,25 @@ def _read_candidates(uri: str) -> dict[str, list[str]]:
     return out
 
 
+def _spread_over_all_cores(worker_id: int) -> None:
+    """Loader processes inherit the CPU affinity of the process that forked them; an OpenMP
+    runtime that pinned the model's threads would otherwise squeeze every decoder onto the
+    model's cores."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        every = set(range(os.cpu_count() or 1))
+        if allowed != every:
+            if worker_id == 0:
+                log.warning(
+                    "loader workers inherited CPU affinity %s; widening to all %d cores",
+                    sorted(allowed),
+                    len(every),
+                )
+            os.sched_setaffinity(0, every)
+    except (AttributeError, OSError):
+        pass
+
+
 class ShardStream(IterableDataset):
     """Iterable over (kind, shard, ...) items: uint8 image batches per shard, then its end record.
 
@@ -344,6 +364,7 @@ class ShardStream(IterableDataset):
         mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         if info is not None:
             torch.set_num_threads(1)
+            _spread_over_all_cores(info.id)
         for sid, tar_uri, mentions_uri in mine:
             stats = markers.ShardStats()
             drop = markers.DropLogger(stats, log)
@@ -388,20 +409,22 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     import torch
     from torch.utils.data import DataLoader
 
-    from training.core.device import pick_device
+    from training.core.device import limit_heap_growth, pick_device
 
     c = ScoreConfig.from_dict(spec["config"])
+    limit_heap_growth()
     device = pick_device(spec["devices"][rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    threads = c.torch_threads or (os.cpu_count() or 1)
+    # On CPU the model needs every core; on a GPU the cores belong to the decode processes.
+    threads = c.torch_threads or ((os.cpu_count() or 1) if device.type == "cpu" else 2)
     torch.set_num_threads(threads)
     backend = build_backend(c, spec["run_uri"], device)
     emb = pq.read_table(spec["entity_embeddings"])
     index = {e: i for i, e in enumerate(emb.column("entity_id").to_pylist())}
     E = torch.tensor(
         np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    )
+    ).to(device)
     store = markers.MarkerStore(spec["out_uri"], STAGE)
     mine = spec["shards"][rank::world]
     stream = ShardStream([tuple(s) for s in mine], backend.image_size, c.batch_size, c.max_pixels)
@@ -415,7 +438,16 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     started: dict[str, float] = {}
     t_img, n_img = 0.0, 0
     t_loop = time.perf_counter()
-    for item in loader:
+    t_first = None
+    t_wait = 0.0  # blocked on the loader: the data path is the bottleneck when this dominates
+    it = iter(loader)
+    while True:
+        t_w = time.perf_counter()
+        item = next(it, None)
+        if item is None:
+            break
+        t_wait += time.perf_counter() - t_w if t_first else 0.0
+        t_first = t_first or time.perf_counter()
         kind, sid = item[0], item[1]
         if sid not in started:
             started[sid] = time.time()
@@ -423,14 +455,17 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         if kind == "batch":
             _, _, keys, x, cand = item
             t0 = time.perf_counter()
-            feats = backend.encode_images(x)
+            feats = backend.encode_images(x, on_device=True)
+            # every (image, candidate) pair of the batch in one gathered dot product
+            img_rows = [i for i, cs in enumerate(cand) for _ in cs]
+            ent_rows = [index[e] for cs in cand for e in cs]
+            sims = (feats[img_rows] * E[ent_rows]).sum(-1).tolist()
             t_img += time.perf_counter() - t0
             n_img += len(keys)
-            rows = buffers.setdefault(sid, [])
-            for i, key in enumerate(keys):
-                idx = [index[e] for e in cand[i]]
-                sims = (E[idx] @ feats[i]).tolist()
-                rows.extend((key, e, float(s)) for e, s in zip(cand[i], sims, strict=True))
+            pairs = [(keys[i], e) for i, cs in enumerate(cand) for e in cs]
+            buffers.setdefault(sid, []).extend(
+                (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
+            )
         elif kind == "end":
             st = markers.ShardStats.from_dict(item[2])
             rows = sorted(buffers.pop(sid, []))
@@ -464,6 +499,8 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         "images": n_img,
         "model_s": t_img,
         "loop_s": time.perf_counter() - t_loop,
+        "steady_s": time.perf_counter() - (t_first or time.perf_counter()),
+        "wait_s": t_wait,
     }
 
 
@@ -590,7 +627,12 @@ def run_score(
         images=n_img,
         image_seconds=round(t_img, 2),
         images_per_s=round(n_img / t_img, 1) if t_img else None,
+        # from the first decoded batch to the last result, per worker, summed over workers
+        images_per_s_steady=round(
+            sum(r["images"] / r["steady_s"] for r in reports if r.get("steady_s")), 1
+        ),
         model_seconds=round(sum(r["model_s"] for r in reports), 2),
+        loader_wait_seconds=round(sum(r["wait_s"] for r in reports), 2),
         devices=devices[:world],
     )
     recs = store.read_all()

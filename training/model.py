@@ -195,7 +195,12 @@ def load_dual_encoder(uri: str, map_location: str | torch.device = "cpu") -> Dua
         raise cfg.ConfigError(f"{uri} holds a {payload['kind']!r} checkpoint, not a dual encoder")
     config = DualEncoderConfig.from_dict(payload["config"])
     model = DualEncoder(config, pretrained_towers=True)
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise cfg.ConfigError(
+            f"{uri} does not match its config: {str(exc).splitlines()[0]}"
+        ) from exc
     towers = ("image_tower.", "text_tower.")
     missing = [k for k in missing if not k.startswith(towers)]
     if missing or unexpected:

@@ -1,4 +1,11 @@
-"""Run a command and sample the resident memory of its whole process tree."""
+"""Run a command and sample the memory of its whole process tree.
+
+``peak_total_rss`` sums the proportional set size (PSS) of the tree: pages shared between a
+parent and its forked loader workers count once, split between them, instead of once per
+process as plain RSS sums would. ``peak_single_rss`` is the largest single process's RSS
+as sampled; ``peak_single_hwm`` the largest single process's exact peak (the kernel's VmHWM),
+which no sampling interval can miss.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,22 @@ import time
 import psutil
 
 
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_and_sample(cmd: list[str], interval: float = 0.1, **popen_kw) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, **popen_kw)
     peak_total = peak_single = 0
+    hwm: dict[int, int] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -21,14 +40,17 @@ def run_and_sample(cmd: list[str], interval: float = 0.1, **popen_kw) -> dict:
         while not stop.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
-                rss = []
+                pss, rss = [], []
                 for p in procs:
                     try:
-                        rss.append(p.memory_info().rss)
+                        hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
+                        info = p.memory_full_info()
+                        pss.append(getattr(info, "pss", info.rss))
+                        rss.append(info.rss)
                     except psutil.Error:
                         pass
                 if rss:
-                    peak_total = max(peak_total, sum(rss))
+                    peak_total = max(peak_total, sum(pss))
                     peak_single = max(peak_single, max(rss))
             except psutil.Error:
                 pass
@@ -44,4 +66,5 @@ def run_and_sample(cmd: list[str], interval: float = 0.1, **popen_kw) -> dict:
         "wall_s": time.perf_counter() - t0,
         "peak_total_rss": peak_total,
         "peak_single_rss": peak_single,
+        "peak_single_hwm": max(hwm.values(), default=0),
     }

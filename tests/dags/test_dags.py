@@ -49,14 +49,19 @@ def test_dag_files_do_no_work_at_import():
         assert "Variable" not in open(os.path.join(DAGS_DIR, name)).read(), name
 
 
-@pytest.mark.slow
-def test_corpus_dag_runs_end_to_end(tmp_path, picture_folder):
+@pytest.fixture(scope="module")
+def migrated_db():
+    """The session's SQLite metadata DB, created once by the real `airflow db migrate`."""
     migrate = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "airflow"), "db", "migrate"],
         capture_output=True,
         text=True,
     )
     assert migrate.returncode == 0, migrate.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_corpus_dag_runs_end_to_end(tmp_path, picture_folder, migrated_db):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_corpus"]
@@ -75,3 +80,24 @@ def test_corpus_dag_runs_end_to_end(tmp_path, picture_folder):
     raw = root / version / "raw"
     assert sorted(f for f in os.listdir(raw) if f.endswith(".tar")) == ["00000.tar", "00001.tar"]
     assert (root / version / "kb" / "entities.parquet").exists()
+
+
+@pytest.mark.slow
+def test_build_i2e_dag_runs_end_to_end(tmp_path, tiny_corpus, migrated_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_build_i2e"]
+    root = tmp_path / "af"
+    run = dag.test(
+        run_conf={
+            "root": str(root),
+            "raw": tiny_corpus["raw"],
+            "kb": tiny_corpus["kb"],
+            "config": "cpu_test",
+        }
+    )
+    assert run.state == "success"
+    (version,) = os.listdir(root)
+    i2e = root / version / "i2e"
+    assert (i2e / "sizes.json").exists() and (i2e / "vocab.parquet").exists()
+    assert any(f.endswith(".tar") for f in os.listdir(i2e))

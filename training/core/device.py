@@ -46,3 +46,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def limit_heap_growth(mmap_threshold: int = 32 << 20) -> bool:
+    """Make glibc return large freed blocks to the OS right away.
+
+    glibc raises its mmap threshold after large blocks are freed, so later large tensors come
+    from the heap and stay resident: a long-running worker's RSS then creeps with the number
+    of batches it has seen, not with what it holds. A fixed threshold keeps every block over
+    ``mmap_threshold`` mmapped (freed memory goes back to the OS) and the peak flat.
+    Returns False where glibc's mallopt is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, mmap_threshold) == 1
+        libc.mallopt(m_trim_threshold, mmap_threshold)
+        return ok
+    except (OSError, AttributeError):
+        return False

@@ -48,7 +48,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def limit_heap_growth(mmap_threshold: int = 32 << 20) -> bool:
+def limit_heap_growth(mmap_threshold: int = 4 << 20) -> bool:
     """Make glibc return large freed blocks to the OS right away.
 
     glibc raises its mmap threshold after large blocks are freed, so later large tensors come

@@ -75,7 +75,7 @@ class ScoreConfig(cfg.StageConfig):
     text_batch_size: int = cfg.field(256, "entity prompts per text forward pass")
     cache_uri: str = cfg.field("", "entity embedding cache (default: RUN/score/_embedding_cache)")
     torch_threads: int = cfg.field(
-        0, "CPU threads for the model (0: all cores; decoding overlaps in the loader processes)"
+        0, "model threads (0: every core on CPU, 2 on a GPU, whose host cores decode)"
     )
 
     def validate(self) -> None:

@@ -45,11 +45,11 @@ from training.core import markers, storage
 
 from . import kb as kb_mod
 from . import stamps as stamps_mod
+from .raw import add_tar_member
 
 log = logging.getLogger(__name__)
 
 STAGE = "corpus"
-TAR_MTIME = 1_700_000_000  # fixed member mtime: re-runs give byte-identical tars
 RAW_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -532,16 +532,6 @@ def render(picture, rng: np.random.Generator, c: CorpusConfig) -> bytes:
 # ------------------------------------------------------------------ shard writing
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 _W: dict[str, Any] = {}  # per-worker state, set by _init_worker
 
 
@@ -608,9 +598,9 @@ def _write_shard(shard: int) -> dict[str, Any]:
                     "error_message": None,
                     "sha256": digest,
                 }
-                _tar_add(tar, f"{key}.jpg", jpg)
-                _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                add_tar_member(tar, f"{key}.jpg", jpg)
+                add_tar_member(tar, f"{key}.txt", text.encode("utf-8"))
+                add_tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 rows.append(meta)
                 truth.append(
                     {

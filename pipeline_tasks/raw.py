@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from training.core import storage
 
 SHARD_FILE = re.compile(r"^(\d{5,})\.(tar|parquet)$")
+TAR_MTIME = 1_700_000_000  # fixed member mtime: re-runs give byte-identical tars
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -144,3 +145,14 @@ def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = N
         return None, "image_corrupt"
     except (OSError, SyntaxError, ValueError) as exc:
         return None, "image_truncated" if "truncated" in str(exc).lower() else "image_corrupt"
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular-file member with fixed metadata, so the same content gives the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))

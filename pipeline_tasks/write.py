@@ -14,7 +14,6 @@ and ``_info.json``, so training needs nothing but the I2E URI.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -29,7 +28,6 @@ from training.core import config as cfg
 from training.core import markers, storage
 
 from . import raw as raw_mod
-from .corpus import TAR_MTIME
 from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -57,16 +55,6 @@ class WriteConfig(cfg.StageConfig):
     def validate(self) -> None:
         self._check(self.shard_size >= 0, "shard_size", "must be >= 0")
         self._check(self.workers >= 1, "workers", "must be >= 1")
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _read_labels(uri: str) -> dict[str, dict[str, Any]]:
@@ -142,8 +130,10 @@ def _write_one(job: dict[str, Any]) -> dict[str, Any]:
                         }
                         if include_caption:
                             meta["caption"] = caption
-                        _tar_add(tar, f"{base}.{ext if ext != 'jpeg' else 'jpg'}", img)
-                        _tar_add(
+                        raw_mod.add_tar_member(
+                            tar, f"{base}.{ext if ext != 'jpeg' else 'jpg'}", img
+                        )
+                        raw_mod.add_tar_member(
                             tar,
                             f"{base}.json",
                             json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),

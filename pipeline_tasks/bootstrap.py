@@ -134,9 +134,9 @@ def _entity_targets(
     run_uri: str, kb_uri: str, keys: list[str]
 ) -> tuple[list[str], dict[int, list[int]]]:
     """Candidate entities (sorted) and image row -> candidate columns, from the ner output."""
-    import pyarrow.parquet as pq
-
     from training.core import markers
+
+    from .scoring import read_candidates
 
     ner_dir = storage.join(run_uri, "ner")
     store = markers.MarkerStore(ner_dir, "ner")
@@ -146,19 +146,13 @@ def _entity_targets(
             f"objective 'entity' needs ner output under {ner_dir}: run `mofi ner` first (or use --objective caption)"
         )
     row_of = {k: i for i, k in enumerate(keys)}
-    cands: dict[int, set[str]] = {}
+    cands: dict[int, list[str]] = {}
     for sid in plan["shards"]:
         if not store.is_done(sid):
             continue
-        with storage.open_read(storage.join(ner_dir, f"{sid}.parquet")) as f:
-            t = pq.read_table(f, columns=["key", "mentions"])
-        for key, ms in zip(
-            t.column("key").to_pylist(), t.column("mentions").to_pylist(), strict=True
-        ):
+        for key, eids in read_candidates(storage.join(ner_dir, f"{sid}.parquet")).items():
             if key in row_of:
-                eids = {m["entity_id"] for m in ms or [] if m.get("entity_id")}
-                if eids:
-                    cands[row_of[key]] = eids
+                cands[row_of[key]] = eids
     entities = sorted({e for v in cands.values() for e in v})
     col = {e: j for j, e in enumerate(entities)}
     return entities, {i: sorted(col[e] for e in v) for i, v in cands.items()}

@@ -174,9 +174,10 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 def cmd_build_i2e(args: argparse.Namespace) -> int:
     from pipeline_tasks import build
+    from pipeline_tasks.corpus import sibling
 
     p = _bundle(args)
-    run = args.run or corpus_sibling(args.out, "i2e_run")
+    run = args.run or sibling(args.out, "i2e_run")
     t0 = time.time()
     res = build.build_i2e(p, args.raw, args.kb, run, args.out, progress=not args.no_progress)
     w = res["write"]
@@ -184,12 +185,6 @@ def cmd_build_i2e(args: argparse.Namespace) -> int:
         f"build-i2e: {w['num_samples']} images, {w['num_classes']} classes in {w['num_shards']} shards -> {args.out} ({time.time() - t0:.0f}s); work files in {run}"
     )
     return 0
-
-
-def corpus_sibling(uri: str, name: str) -> str:
-    from pipeline_tasks.corpus import sibling
-
-    return sibling(uri, name)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

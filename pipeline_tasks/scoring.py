@@ -309,7 +309,7 @@ def embed_entities(
 # ------------------------------------------------------------- image stream
 
 
-def _read_candidates(uri: str) -> dict[str, list[str]]:
+def read_candidates(uri: str) -> dict[str, list[str]]:
     with storage.open_read(uri) as f:
         t = pq.read_table(f, columns=["key", "mentions"])
     out = {}
@@ -369,7 +369,7 @@ class ShardStream(IterableDataset):
             stats = markers.ShardStats()
             drop = markers.DropLogger(stats, log)
             try:
-                cands = _read_candidates(mentions_uri)
+                cands = read_candidates(mentions_uri)
                 stats.n_in = len(cands)
                 seen: set[str] = set()
                 keys: list[str] = []
@@ -536,8 +536,9 @@ def run_score(
     ner_store = markers.MarkerStore(ner_dir, "ner")
     out = storage.join(run_uri, STAGE)
     store = markers.MarkerStore(out, STAGE)
-    ready = [s for s in shards if ner_store.is_done(s.shard)]
-    not_ready = {s.shard: "ner_not_done" for s in shards if not ner_store.is_done(s.shard)}
+    ner_done = {s.shard: ner_store.is_done(s.shard) for s in shards}
+    ready = [s for s in shards if ner_done[s.shard]]
+    not_ready = {s.shard: "ner_not_done" for s in shards if not ner_done[s.shard]}
     if not ready:
         raise FileNotFoundError(f"no finished ner shards under {ner_dir}: run `mofi ner` first")
     store.write_plan(
@@ -559,7 +560,7 @@ def run_score(
     t0 = time.time()
     eids: set[str] = set()
     for s in todo:
-        for v in _read_candidates(storage.join(ner_dir, f"{s.shard}.parquet")).values():
+        for v in read_candidates(storage.join(ner_dir, f"{s.shard}.parquet")).values():
             eids.update(v)
     kb = load_kb(kb_uri)
     kb_rows = {

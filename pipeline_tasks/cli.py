@@ -7,6 +7,7 @@ Heavy imports (torch, Spark, spaCy) happen inside the subcommand that needs them
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -24,6 +25,50 @@ def _setup_logging(verbose: int) -> None:
 
 
 # ------------------------------------------------------------------ subcommands
+
+
+def _train_config(args: argparse.Namespace):
+    from training import recipes
+    from training.train import TrainConfig
+
+    config = TrainConfig.load(args.config_file) if args.config_file else recipes.get(args.config)
+    changes = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps), ("seed", args.seed))
+        if v is not None
+    }
+    if changes:
+        config = config.replace(**changes)
+    if args.mode:
+        config = config.replace(loss=config.loss.replace(mode=args.mode))
+    dist_changes = {
+        k: v
+        for k, v in (
+            ("nproc_per_node", args.nproc_per_node),
+            ("nnodes", args.nnodes),
+            ("rdzv_endpoint", args.rdzv_endpoint),
+            ("device", args.device),
+        )
+        if v is not None
+    }
+    if dist_changes:
+        config = config.replace(dist=config.dist.replace(**dist_changes))
+    if args.batch_size:
+        config = config.replace(data=config.data.replace(batch_size=args.batch_size))
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.launch import launch
+
+    result = launch(_train_config(args), args.i2e, args.out, dry_run=args.dry_run)
+    if result["rc"] != 0:
+        raise RuntimeError(
+            f"torchrun exited with {result['rc']} (re-run the same command to resume)"
+        )
+    if not args.dry_run:
+        print(f"train: model -> {result['model']}")
+    return 0
 
 
 def cmd_kb(args: argparse.Namespace) -> int:
@@ -205,19 +250,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from pipeline_tasks import recipes
+    from training import recipes as train_recipes
 
     if args.action == "list":
+        print("pipeline configs (mofi kb/corpus/ner/.../build-i2e --config NAME):")
         for name, fn in recipes.RECIPES.items():
-            print(f"{name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
+            print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
+        print("training configs (mofi train --config NAME; show with train:NAME):")
+        for name, fn in train_recipes.RECIPES.items():
+            print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
-    bundle = recipes.get(args.name)
-    if args.action == "show":
-        print(bundle.to_json())
-    else:  # doc
-        for stage in bundle.stages():
-            print(f"[{stage.stage_name()}]  {(type(stage).__doc__ or '').strip().splitlines()[0]}")
-            for name, _default, doc in type(stage).describe():
-                print(f"  {name:<24}{getattr(stage, name)!r:<28}{doc}")
+    if args.name.startswith("train:"):
+        tc = train_recipes.get(args.name.split(":", 1)[1])
+        if args.action == "show":
+            print(tc.to_json())
+            return 0
+        stages = [("train", tc)] + [
+            (f.name, getattr(tc, f.name))
+            for f in dataclasses.fields(tc)
+            if hasattr(getattr(tc, f.name), "describe")
+        ]
+    else:
+        bundle = recipes.get(args.name)
+        if args.action == "show":
+            print(bundle.to_json())
+            return 0
+        stages = [(st.stage_name(), st) for st in bundle.stages()]
+    for label, stage in stages:
+        print(f"[{label}]  {(type(stage).__doc__ or '').strip().splitlines()[0]}")
+        for name, _default, doc in type(stage).describe():
+            value = getattr(stage, name)
+            shown = "(see below)" if hasattr(value, "describe") else repr(value)
+            print(f"  {name:<24}{shown:<28}{doc}")
     return 0
 
 
@@ -337,6 +401,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", default=None, help="work root for intermediate stages (default: OUT/../i2e_run)"
     )
     s.set_defaults(fn=cmd_build_i2e)
+
+    s = sub.add_parser("train", help="MOFI training through torchrun (DDP; resumable)")
+    s.add_argument("--i2e", required=True, help="I2E root URI (from mofi build-i2e)")
+    s.add_argument("--out", required=True, help="run folder: checkpoints, logs, model.pt")
+    s.add_argument("--config", default="demo", help="named training config (mofi config list)")
+    s.add_argument("--config-file", default="", help="a saved TrainConfig JSON")
+    s.add_argument("--mode", choices=["multitask", "supervised", "contrastive"], default=None)
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None, help="per process")
+    s.add_argument("--nproc-per-node", type=int, default=None)
+    s.add_argument("--nnodes", type=int, default=None)
+    s.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT for multi-node")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    s.add_argument(
+        "--dry-run", action="store_true", help="check inputs, print the torchrun command"
+    )
+    s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run root URI (its direct sub-folders are scanned too)")

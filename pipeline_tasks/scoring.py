@@ -172,6 +172,7 @@ class OpenClipBackend(ScorerBackend):
     def __init__(self, spec: str, device, dtype):
         super().__init__(device, dtype)
         from training.core.compat import import_open_clip
+        from training.towers import register_project_model_configs
 
         open_clip = import_open_clip()
         arch, _, pretrained = spec.partition(":")
@@ -197,18 +198,6 @@ class OpenClipBackend(ScorerBackend):
 
     def _texts(self, texts):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
-
-
-def register_project_model_configs() -> None:
-    """Make the small open_clip configs shipped in training/model_configs known to open_clip."""
-    from training.core.compat import import_open_clip
-
-    open_clip = import_open_clip()
-    d = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "model_configs"
-    )
-    if os.path.isdir(d) and "mofi-tiny-vit" not in open_clip.list_models():
-        open_clip.add_model_config(d)
 
 
 def _file_fingerprint(uri: str) -> str:

@@ -90,12 +90,21 @@ class MiniLMTextTower(nn.Module):
         return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
 
+def register_project_model_configs() -> None:
+    """Make the small open_clip configs shipped in training/model_configs known to open_clip."""
+    open_clip = import_open_clip()
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+    if os.path.isdir(d) and "mofi-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(d)
+
+
 class OpenClipImageTower(nn.Module):
     """The vision tower of an open_clip model (e.g. ViT-B-16), optionally from a local checkpoint."""
 
     def __init__(self, model_name: str, pretrained: str | None = None):
         super().__init__()
         open_clip = import_open_clip()
+        register_project_model_configs()
         model = open_clip.create_model(model_name, pretrained=pretrained or None)
         self.net = model.visual
         cfg = open_clip.get_model_config(model_name) or {}
@@ -115,6 +124,7 @@ class OpenClipTextTower(nn.Module):
     def __init__(self, model_name: str, pretrained: str | None = None):
         super().__init__()
         open_clip = import_open_clip()
+        register_project_model_configs()
         model = open_clip.create_model(model_name, pretrained=pretrained or None)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         # keep only the text parts of the CLIP model

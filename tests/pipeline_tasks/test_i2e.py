@@ -235,8 +235,9 @@ def test_open_clip_backend_with_a_local_checkpoint(built, tmp_path):
     import torch
 
     from training.core.compat import import_open_clip
+    from training.towers import register_project_model_configs
 
-    scoring.register_project_model_configs()
+    register_project_model_configs()
     open_clip = import_open_clip()
     torch.manual_seed(0)
     model = open_clip.create_model("mofi-tiny-vit")

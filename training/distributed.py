@@ -1,0 +1,77 @@
+"""The one place that knows how training is parallelised: process-group setup and DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); a plain process is rank 0 of 1.
+
+    NCCL on CUDA (one device per local rank), gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda")
+    if device_spec not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device_spec!r}")
+    if device_spec == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,
+        )
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    if info.world_size == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        broadcast_buffers=True,
+    )
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def all_mean(x: float, info: DistInfo) -> float:
+    if info.world_size == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,91 @@
+"""`mofi train`: check everything that can fail before compute, then launch torchrun.
+
+The resolved config is saved to ``OUT/train.request.json`` and passed to every process with
+``--config-file``, so all ranks (and all nodes) train with byte-identical settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from .core import storage
+from .core.config import ConfigError
+from .train import TrainConfig, preflight
+
+log = logging.getLogger(__name__)
+
+
+def _local_addresses() -> set[str]:
+    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()}
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return names
+
+
+def check_rendezvous(endpoint: str, timeout_s: float = 5.0) -> None:
+    """A remote HOST:PORT must resolve and accept a TCP connection; a local one is hosted here."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
+    except OSError as exc:
+        raise ConfigError(f"rendezvous host {host!r} does not resolve: {exc}") from exc
+    if host in _local_addresses() or addrs & _local_addresses():
+        return  # this node hosts the c10d store
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"rendezvous endpoint {endpoint} is unreachable ({exc}); start the node that hosts "
+            "it first, or check dist.rdzv_endpoint"
+        ) from exc
+
+
+def torchrun_command(config: TrainConfig, i2e: str, out: str, config_file: str) -> list[str]:
+    d = config.dist
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={d.nproc_per_node}"]
+    if d.nnodes == 1 and not d.rdzv_endpoint:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={d.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={d.rdzv_endpoint}",
+            f"--rdzv-id={d.rdzv_id}",
+        ]
+    cmd += ["-m", "training.train", "--i2e", i2e, "--out", out, "--config-file", config_file]
+    return cmd
+
+
+def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> dict[str, Any]:
+    info = preflight(config, i2e, out)
+    if config.dist.nnodes > 1 or config.dist.rdzv_endpoint:
+        check_rendezvous(config.dist.rdzv_endpoint)
+    storage.makedirs(out)
+    config_file = config.save(out, "train.request.json")
+    if storage.is_s3(config_file):
+        raise ConfigError(
+            "--out must be a local or shared filesystem path for now (torchrun workers read the config file)"
+        )
+    cmd = torchrun_command(config, i2e, out, config_file)
+    m = info["manifest"]
+    print(
+        f"train: {m.num_samples} samples, {m.num_classes} classes, {info['steps']} steps "
+        f"({info['epochs']} epoch(s)), {config.dist.nnodes} node(s) x {config.dist.nproc_per_node} "
+        f"process(es)"
+        + (f", resuming at step {info['resume_from']}" if info["resume_from"] else ""),
+        flush=True,
+    )
+    if dry_run:
+        print(" ".join(cmd))
+        return {"rc": 0, "command": cmd}
+    rc = subprocess.call(cmd)
+    return {"rc": rc, "command": cmd, "model": storage.join(out, "model.pt")}

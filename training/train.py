@@ -1,0 +1,708 @@
+"""MOFI training: one process per device under torchrun (or a plain process for 1 CPU/GPU).
+
+    torchrun --nproc-per-node 2 -m training.train --i2e I2E --config cpu_test --out RUN
+
+(``mofi train`` builds that command from the config and checks the inputs first.)
+
+* model: ``DualEncoder`` (image tower trained, projections to a shared embedding, text tower
+  locked or trained) + a CosFace entity head, sharded over ranks (``ShardedCosFaceHead``);
+* loss: ``LossConfig`` (multitask, supervised or contrastive);
+* data: ``training.data`` (rank/worker split with no duplicates, exact resume);
+* optimiser: AdamW, linear warmup then cosine decay; gradient accumulation; bf16 autocast on
+  GPU;
+* checkpoints: ``OUT/checkpoints/step_XXXXXXXX.pt``, written atomically by rank 0 every
+  ``checkpoint_every`` steps and at the end; a restarted run resumes from the newest one and
+  reproduces the uninterrupted run (randomness is seeded from (seed, rank, step), data order
+  from (seed, epoch)); ``OUT/model.pt``: the final model for evaluation and scoring;
+* logs: a progress bar, ``OUT/metrics.jsonl`` (one line per step), TensorBoard events in
+  ``OUT/tb``.
+
+Nothing here imports Airflow, Spark or pipeline_tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import data as data_mod
+from . import distributed as dist_mod
+from .core import config as cfg
+from .core import storage
+from .core.device import autocast, resolve_precision
+from .losses import LossConfig, ShardedCosFaceHead, contrastive_loss, gather_shards
+from .model import (
+    DualEncoder,
+    DualEncoderConfig,
+    checkpoint_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .transforms import normalize
+
+log = logging.getLogger("mofi.train")
+TRAIN_KIND = "mofi_train_state"
+
+
+@dataclasses.dataclass
+class OptimConfig(cfg.StageConfig):
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = cfg.field(1e-3, "peak learning rate of the heads and projections")
+    tower_lr_mult: float = cfg.field(0.1, "the towers' learning rate as a fraction of lr")
+    weight_decay: float = cfg.field(0.05, "AdamW weight decay (not on biases, norms, scale)")
+    beta1: float = cfg.field(0.9, "AdamW beta1")
+    beta2: float = cfg.field(0.98, "AdamW beta2")
+    eps: float = cfg.field(1e-6, "AdamW eps")
+    warmup_steps: int = cfg.field(20, "linear warmup steps")
+    min_lr_ratio: float = cfg.field(0.0, "the cosine decays to lr * min_lr_ratio")
+    grad_clip: float = cfg.field(1.0, "max gradient norm (0: off)")
+
+    def validate(self) -> None:
+        self._check(self.lr > 0, "lr", "must be > 0")
+        self._check(self.tower_lr_mult >= 0, "tower_lr_mult", "must be >= 0")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclasses.dataclass
+class DataConfig(cfg.StageConfig):
+    """How I2E shards become batches."""
+
+    batch_size: int = cfg.field(32, "images per rank per micro-batch")
+    workers: int = cfg.field(1, "DataLoader worker processes per rank (0: decode in the trainer)")
+    shuffle_buffer: int = cfg.field(1000, "per-worker shuffle buffer (samples)")
+    image_size: int = cfg.field(0, "training resolution (0: the image tower's default)")
+    flip: bool = cfg.field(True, "random horizontal flip (seeded per sample and epoch)")
+    start_method: str = cfg.field("fork", "loader worker start method: fork, forkserver or spawn")
+
+    def validate(self) -> None:
+        self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._check(self.workers >= 0, "workers", "must be >= 0")
+        self._check(
+            self.start_method in ("fork", "forkserver", "spawn"),
+            "start_method",
+            "fork, forkserver or spawn",
+        )
+
+
+@dataclasses.dataclass
+class DistConfig(cfg.StageConfig):
+    """How many processes, where: torchrun's arguments. The same command runs multi-node."""
+
+    nproc_per_node: int = cfg.field(1, "processes per node (one per GPU; any number on CPU)")
+    nnodes: int = cfg.field(1, "nodes")
+    rdzv_endpoint: str = cfg.field(
+        "", "HOST:PORT of the rendezvous (c10d) for nnodes > 1; empty: single node, standalone"
+    )
+    rdzv_id: str = cfg.field("mofi", "rendezvous job id (the same on every node)")
+    device: str = cfg.field("auto", "auto (CUDA if present), cuda or cpu")
+    timeout_s: int = cfg.field(600, "collective timeout")
+
+    def validate(self) -> None:
+        self._check(self.nproc_per_node >= 1, "nproc_per_node", "must be >= 1")
+        self._check(self.nnodes >= 1, "nnodes", "must be >= 1")
+        self._check(
+            self.nnodes == 1 or ":" in self.rdzv_endpoint,
+            "rdzv_endpoint",
+            "HOST:PORT is needed when nnodes > 1",
+        )
+
+
+@dataclasses.dataclass
+class TrainConfig(cfg.StageConfig):
+    """A MOFI training run."""
+
+    name: str = cfg.field("base", "config name")
+    model: DualEncoderConfig = cfg.field(
+        factory=lambda: DualEncoderConfig(lock_image=False), doc="architecture"
+    )
+    loss: LossConfig = cfg.field(factory=LossConfig, doc="losses")
+    optim: OptimConfig = cfg.field(factory=OptimConfig, doc="optimiser")
+    data: DataConfig = cfg.field(factory=DataConfig, doc="data loading")
+    dist: DistConfig = cfg.field(factory=DistConfig, doc="processes")
+    epochs: int = cfg.field(1, "passes over the I2E shards")
+    max_steps: int = cfg.field(0, "stop after this many optimiser steps (0: run all epochs)")
+    grad_accum: int = cfg.field(1, "micro-batches per optimiser step")
+    precision: str = cfg.field("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16")
+    seed: int = cfg.field(0, "seed of initialisation, data order and augmentation")
+    checkpoint_every: int = cfg.field(100, "optimiser steps between checkpoints")
+    keep_checkpoints: int = cfg.field(2, "checkpoints kept (the newest)")
+    log_every: int = cfg.field(10, "steps between log lines (every step goes to metrics.jsonl)")
+    tensorboard: bool = cfg.field(True, "write TensorBoard event files under OUT/tb")
+
+    def validate(self) -> None:
+        self._check(self.epochs >= 1, "epochs", "must be >= 1")
+        self._check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        self._check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        self._check(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            "precision",
+            "auto, fp32, bf16 or fp16",
+        )
+        self._check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        self._check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        if self.model.lock_image and self.loss.uses_class:
+            # only the head would learn: allowed (a linear probe), but say so
+            log.warning("the image tower is locked: only the projections and the head train")
+
+    def resume_signature(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this config."""
+        d = self.to_dict()
+        return {
+            "model": d["model"],
+            "loss": d["loss"],
+            "batch_size": self.data.batch_size,
+            "workers": self.data.workers,
+            "image_size": self.data.image_size,
+            "seed": self.seed,
+            "grad_accum": self.grad_accum,
+            "world_size": self.dist.nproc_per_node * self.dist.nnodes,
+        }
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def epoch_plan(config: TrainConfig, manifest: data_mod.I2EManifest, world_size: int) -> list[int]:
+    """Optimiser steps in each epoch (capped by max_steps)."""
+    out, total = [], 0
+    for e in range(config.epochs):
+        batches = data_mod.steps_per_epoch(
+            manifest.shards,
+            world_size,
+            config.data.workers,
+            config.data.batch_size,
+            config.seed,
+            e,
+        )
+        steps = batches // config.grad_accum
+        if config.max_steps:
+            steps = min(steps, config.max_steps - total)
+        if steps <= 0:
+            break
+        out.append(steps)
+        total += steps
+    if not out:
+        raise cfg.ConfigError(
+            f"{manifest.uri} has {manifest.num_samples} samples: too few for one step of "
+            f"{world_size} ranks x {max(1, config.data.workers)} workers x batch {config.data.batch_size} "
+            f"x accum {config.grad_accum}; lower the batch size or the workers"
+        )
+    return out
+
+
+# ------------------------------------------------------------------ the model in training
+
+
+class MofiTrainModule(nn.Module):
+    """What DDP wraps: the dual encoder, plus the entity head when it is not sharded."""
+
+    def __init__(self, encoder: DualEncoder, head: nn.Module | None):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, images: torch.Tensor, text: Any | None):
+        img = self.encoder.encode_image(images)
+        txt = None
+        if text is not None:
+            if isinstance(text, torch.Tensor):  # precomputed locked-tower features
+                txt = self.encoder.project_text(text)
+            else:
+                txt = self.encoder.encode_text(text)
+        return img, txt, self.encoder.scale()
+
+
+def _param_groups(encoder: DualEncoder, head: nn.Module | None, oc: OptimConfig):
+    towers, other = [], []
+    for name, p in encoder.named_parameters():
+        if not p.requires_grad:
+            continue
+        (towers if name.startswith(("image_tower.", "text_tower.")) else other).append((name, p))
+    groups = []
+    for params, mult in ((towers, oc.tower_lr_mult), (other, 1.0)):
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]
+        groups.append({"params": decay, "weight_decay": oc.weight_decay, "lr_mult": mult})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_mult": mult})
+    # the head last, alone: its optimiser state is sharded like its weight
+    groups.append(
+        {
+            "params": list(head.parameters()) if head is not None else [],
+            "weight_decay": 0.0,
+            "lr_mult": 1.0,
+        }
+    )
+    return groups
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dir(out_uri: str) -> str:
+    return storage.join(out_uri, "checkpoints")
+
+
+def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
+    d = checkpoint_dir(out_uri)
+    out = []
+    for uri in storage.list_files(d, suffix=".pt"):
+        name = storage.basename(uri)
+        if name.startswith("step_"):
+            try:
+                out.append((int(name[5:-3]), uri))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, i2e_uri: str, out_uri: str):
+        self.config, self.i2e_uri, self.out_uri = config, i2e_uri, out_uri
+        self.info = dist_mod.init_distributed(config.dist.device, config.dist.timeout_s)
+        self.manifest = data_mod.load_manifest(i2e_uri)
+        self.plan = epoch_plan(config, self.manifest, self.info.world_size)
+        self.total_steps = sum(self.plan)
+        self.device = self.info.device
+        # 'auto': bf16 autocast on GPU; fp32 on CPU (ask for bf16 explicitly there)
+        auto_off = config.precision == "auto" and self.device.type != "cuda"
+        self.amp = None if auto_off else resolve_precision(config.precision, self.device)
+        lc = config.loss
+        torch.manual_seed(config.seed)
+        self.encoder = DualEncoder(config.model, pretrained_towers=True)
+        if not lc.uses_contrast:  # unused parameters would stall DDP
+            self.encoder.text_proj.requires_grad_(False)
+            self.encoder.logit_scale.requires_grad_(False)
+        dim = config.model.embed_dim
+        n_cls = self.manifest.num_classes
+        sharded = lc.sharded_head and self.info.world_size > 1
+        head = None
+        if lc.uses_class:
+            head = ShardedCosFaceHead(
+                n_cls,
+                dim,
+                self.info.rank if sharded else 0,
+                self.info.world_size if sharded else 1,
+                lc.scale,
+                lc.margin,
+                lc.sample_rate,
+            )
+            # every rank starts from the same full weight, sliced to its shard
+            g = torch.Generator().manual_seed(config.seed + 1)
+            head.load_full_weight(torch.randn(n_cls, dim, generator=g) / math.sqrt(dim))
+        self.sharded = sharded
+        self.head = head
+        self.module = MofiTrainModule(self.encoder, None if sharded else head).to(self.device)
+        if sharded:
+            self.head.to(self.device)
+        self.ddp = dist_mod.wrap_ddp(self.module, self.info)
+        oc = config.optim
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.encoder, head, oc), lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps
+        )
+        self.image_size = config.data.image_size or self.encoder.image_size
+        self.text_feats = (
+            self._text_features() if lc.uses_contrast and config.model.lock_text else None
+        )
+        self.step = 0
+        self.writer = None
+
+    # text of each class: the locked text tower runs once per entity, not once per sample
+    @torch.no_grad()
+    def _text_features(self) -> torch.Tensor:
+        texts = self.manifest.entity_texts()
+        out = []
+        self.encoder.text_tower.eval()
+        for i in range(0, len(texts), 256):
+            tok = {
+                k: v.to(self.device) for k, v in self.encoder.tokenize(texts[i : i + 256]).items()
+            }
+            with autocast(self.device, self.amp):
+                out.append(self.encoder.text_features(tok).float())
+        return torch.cat(out)
+
+    def _text_inputs(self, labels: torch.Tensor):
+        if self.text_feats is not None:
+            return self.text_feats[labels]
+        texts = self.manifest.entity_texts()
+        tok = self.encoder.tokenize([texts[i] for i in labels.tolist()])
+        return {k: v.to(self.device) for k, v in tok.items()}
+
+    # ---------------------------------------------------------- checkpoint I/O (collective)
+
+    def _gathered_head_state(self) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        if self.head is None:
+            return None, {}
+        n = self.manifest.num_classes
+        ws = self.info.world_size if self.sharded else 1
+        full = gather_shards(self.head.weight.detach(), n, ws).cpu()
+        st = self.optimizer.state.get(self.head.weight, {})
+        opt = {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                opt[k] = gather_shards(st[k], n, ws).cpu()
+        if "step" in st:
+            opt["step"] = st["step"].cpu()
+        return full, opt
+
+    def save(self) -> None:
+        head_w, head_opt = self._gathered_head_state()  # collective: every rank
+        if self.info.is_main:
+            opt_sd = self.optimizer.state_dict()
+            head_idx = sum(len(g["params"]) for g in self.optimizer.param_groups[:-1])
+            if self.head is not None:
+                opt_sd["state"].pop(head_idx, None)
+            state = {f"encoder.{k}": v for k, v in checkpoint_state(self.encoder, True).items()}
+            if head_w is not None:
+                state["head.weight"] = head_w
+            uri = storage.join(checkpoint_dir(self.out_uri), f"step_{self.step:08d}.pt")
+            save_checkpoint(
+                uri,
+                TRAIN_KIND,
+                self.config,
+                state,
+                extra={
+                    "step": self.step,
+                    "optimizer": opt_sd,
+                    "head_optimizer": head_opt,
+                    "head_index": head_idx,
+                    "signature": json.dumps(self.config.resume_signature(), sort_keys=True),
+                    "i2e_version": self.manifest.version(),
+                    "entity_ids": self.manifest.entity_ids,
+                },
+            )
+            for _, old in list_checkpoints(self.out_uri)[: -self.config.keep_checkpoints]:
+                storage.delete(old)
+            log.info("checkpoint %s", uri)
+        dist_mod.barrier(self.info)
+
+    def maybe_resume(self) -> None:
+        ckpts = list_checkpoints(self.out_uri)
+        if not ckpts:
+            return
+        step, uri = ckpts[-1]
+        payload = load_checkpoint(uri, map_location="cpu")
+        check_resumable(payload, self.config, self.manifest, uri)
+        extra = payload["extra"]
+        sd = payload["state_dict"]
+        enc = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+        self.encoder.load_state_dict(enc)
+        if self.head is not None:
+            self.head.load_full_weight(sd["head.weight"])
+        opt_sd = extra["optimizer"]
+        opt_sd["state"] = {int(k): v for k, v in opt_sd["state"].items()}
+        self.optimizer.load_state_dict(opt_sd)
+        if self.head is not None and extra["head_optimizer"]:
+            ho = extra["head_optimizer"]
+            st = {}
+            for k in ("exp_avg", "exp_avg_sq"):
+                st[k] = ho[k][self.head.lo : self.head.hi].to(self.device).clone()
+            st["step"] = ho["step"].clone()
+            self.optimizer.state[self.head.weight] = st
+        self.step = int(extra["step"])
+        if self.info.is_main:
+            log.info("resumed from %s (step %d of %d)", uri, self.step, self.total_steps)
+
+    # ---------------------------------------------------------- the loop
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, step within epoch) of self.step."""
+        s = self.step
+        for e, n in enumerate(self.plan):
+            if s < n:
+                return e, s
+            s -= n
+        return len(self.plan), 0
+
+    def _metrics_file(self) -> str:
+        return (
+            os.path.join(self.out_uri, "metrics.jsonl") if not storage.is_s3(self.out_uri) else ""
+        )
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop lines for steps the resumed run will redo."""
+        path = self._metrics_file()
+        if not path or not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def train_step(self, batch: dict[str, Any], micro: int, accum: int) -> dict[str, float]:
+        lc = self.config.loss
+        images = normalize(
+            batch["image"],
+            self.encoder.image_mean,
+            self.encoder.image_std,
+            device=self.device,
+            channels_last=self.device.type == "cuda",
+        )
+        labels = batch["label"].to(self.device)
+        text = self._text_inputs(labels) if lc.uses_contrast else None
+        sync = micro == accum - 1 or self.info.world_size == 1
+        ctx = self.ddp.no_sync() if not sync and hasattr(self.ddp, "no_sync") else _null()
+        out: dict[str, float] = {}
+        with ctx:
+            with autocast(self.device, self.amp):
+                img, txt, scale = self.ddp(images, text)
+            l_cls = l_con = None
+            if lc.uses_class:
+                head = self.head if self.sharded else self.module.head
+                gen = torch.Generator(device=self.device).manual_seed(
+                    self.config.seed * 1_000_003 + self.step
+                )
+                l_cls = head(img.float(), labels, generator=gen)
+                out["loss_class"] = float(l_cls.detach())
+            if lc.uses_contrast:
+                l_con = contrastive_loss(
+                    img.float(), txt.float(), labels, scale, self.info.rank, self.info.world_size
+                )
+                out["loss_contrast"] = float(l_con.detach())
+            loss = lc.combine(l_cls, l_con)
+            (loss / accum).backward()
+        out["loss"] = float(loss.detach())
+        return out
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        if self.info.is_main:
+            storage.makedirs(self.out_uri)
+            c.save(self.out_uri, "train.config.json")
+        self.maybe_resume()
+        if self.info.is_main:
+            self._trim_metrics()
+        if self.info.is_main and c.tensorboard and not storage.is_s3(self.out_uri):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.out_uri, "tb"), purge_step=self.step + 1)
+        bar = None
+        if self.info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        global_batch = c.data.batch_size * self.info.world_size * c.grad_accum
+        t_log, n_log = time.time(), 0
+        last: dict[str, float] = {}
+        self.ddp.train()
+        if self.head is not None:
+            self.head.train()
+        while self.step < self.total_steps:
+            epoch, in_epoch = self._position()
+            spec = data_mod.LoaderSpec(
+                shards=self.manifest.shards,
+                world_size=self.info.world_size,
+                rank=self.info.rank,
+                batch_size=c.data.batch_size,
+                image_size=self.image_size,
+                seed=c.seed,
+                epoch=epoch,
+                steps=self.plan[epoch] * c.grad_accum,
+                start_step=in_epoch * c.grad_accum,
+                num_workers=c.data.workers,
+                shuffle_buffer=c.data.shuffle_buffer,
+                flip=c.data.flip,
+            )
+            loader = data_mod.make_loader(spec, c.data.start_method)
+            micro = 0
+            for batch in loader:
+                if micro == 0:
+                    torch.manual_seed(hash_seed(c.seed, self.info.rank, self.step))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    acc: dict[str, float] = {}
+                parts = self.train_step(batch, micro, c.grad_accum)
+                for k, v in parts.items():
+                    acc[k] = acc.get(k, 0.0) + v / c.grad_accum
+                micro += 1
+                if micro < c.grad_accum:
+                    continue
+                micro = 0
+                lr = self._apply_schedule()
+                if c.optim.grad_clip > 0:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                n_log += 1
+                acc = {k: dist_mod.all_mean(v, self.info) for k, v in acc.items()}
+                last = {**acc, "lr": lr, "scale": float(self.encoder.scale().detach())}
+                if self.info.is_main:
+                    self._log_step(last, bar)
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                    dt = time.time() - t_log
+                    sps = n_log * global_batch / max(dt, 1e-9)
+                    last["samples_per_s"] = sps
+                    if self.info.is_main:
+                        bar.set_postfix(loss=f"{acc['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+                        if self.writer:
+                            self.writer.add_scalar("train/samples_per_s", sps, self.step)
+                    t_log, n_log = time.time(), 0
+                if self.step % c.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if self.step >= self.total_steps or self.step >= sum(self.plan[: epoch + 1]):
+                    break
+            del loader
+        if bar is not None:
+            bar.close()
+        if self.writer:
+            self.writer.close()
+        result = self.export()
+        dist_mod.barrier(self.info)
+        return {**result, **last}
+
+    def _apply_schedule(self) -> float:
+        oc = self.config.optim
+        f = lr_factor(self.step, self.total_steps, oc.warmup_steps, oc.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = oc.lr * f * g["lr_mult"]
+        return oc.lr * f
+
+    def _log_step(self, m: dict[str, float], bar) -> None:
+        bar.update(1)
+        rec = {"step": self.step, **{k: round(v, 7) for k, v in m.items()}}
+        path = self._metrics_file()
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.writer:
+            for k, v in m.items():
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+
+    def export(self) -> dict[str, Any]:
+        """OUT/model.pt: a dual-encoder checkpoint (towers included) that eval and scoring load."""
+        head_w, _ = self._gathered_head_state()
+        uri = storage.join(self.out_uri, "model.pt")
+        if self.info.is_main:
+            extra = {
+                "trained_steps": self.step,
+                "i2e": self.i2e_uri,
+                "i2e_version": self.manifest.version(),
+                "entity_ids": self.manifest.entity_ids,
+                "train_config": self.config.to_json(),
+            }
+            if head_w is not None:
+                extra["entity_head"] = head_w
+            save_checkpoint(
+                uri, "dual_encoder", self.config.model, checkpoint_state(self.encoder, True), extra
+            )
+        return {"model": uri, "steps": self.step}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def hash_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def check_resumable(payload: dict[str, Any], config: TrainConfig, manifest, uri: str) -> None:
+    """A checkpoint from another config or another I2E version is an error, not a silent mix."""
+    if payload.get("kind") != TRAIN_KIND:
+        raise cfg.ConfigError(
+            f"{uri} is a {payload.get('kind')!r} checkpoint, not a training state"
+        )
+    extra = payload.get("extra", {})
+    want = config.resume_signature()
+    got = json.loads(extra.get("signature", "{}"))
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff:
+        raise cfg.ConfigError(
+            f"{uri} was written by a different config ({', '.join(diff)} differ): "
+            "use another --out, or the config it was trained with"
+        )
+    if extra.get("i2e_version") != manifest.version():
+        raise cfg.ConfigError(
+            f"{uri} was trained on I2E version {extra.get('i2e_version')}, this is {manifest.version()} "
+            f"({manifest.uri}): use another --out"
+        )
+
+
+def preflight(config: TrainConfig, i2e_uri: str, out_uri: str) -> dict[str, Any]:
+    """Every check that can fail before compute is spent (also run by `mofi train`)."""
+    manifest = data_mod.load_manifest(i2e_uri)
+    world = config.dist.nproc_per_node * config.dist.nnodes
+    plan = epoch_plan(config, manifest, world)
+    if config.loss.uses_class and config.loss.sharded_head and manifest.num_classes < world:
+        raise cfg.ConfigError(
+            f"{manifest.num_classes} classes cannot be sharded over {world} ranks"
+        )
+    ckpts = list_checkpoints(out_uri)
+    if ckpts:
+        check_resumable(load_checkpoint(ckpts[-1][1]), config, manifest, ckpts[-1][1])
+    return {
+        "manifest": manifest,
+        "steps": sum(plan),
+        "epochs": len(plan),
+        "resume_from": ckpts[-1][0] if ckpts else 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import recipes
+
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    p.add_argument("--i2e", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--config", default="cpu_test", help=f"named config: {', '.join(recipes.RECIPES)}"
+    )
+    p.add_argument(
+        "--config-file", default="", help="a saved TrainConfig JSON (overrides --config)"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = (
+            TrainConfig.load(args.config_file) if args.config_file else recipes.get(args.config)
+        )
+        trainer = Trainer(config, args.i2e, args.out)
+        result = trainer.run()
+    except (cfg.ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist_mod.cleanup()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items()}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -304,14 +304,17 @@ class I2EBatches(torch.utils.data.IterableDataset):
         worker, w = (info.id, info.num_workers) if info else (0, 1)
         if w != max(1, sp.num_workers):
             raise RuntimeError(f"loader planned for {sp.num_workers} workers, runs with {w}")
+        # The DataLoader takes its first batch from process 0: after resuming at step k, process
+        # i plays the worker that owns step k + i, so batches still arrive in step order.
+        worker = (worker + sp.start_step) % w
         quota = batches_before(sp.steps, worker, w)
         skip = batches_before(sp.start_step, worker, w)
         made = 0
         to_skip = skip * sp.batch_size
         passes = 0
+        batch: list[tuple[torch.Tensor, int, str]] = []
         while made < quota - skip:
             got_any = False
-            batch: list[tuple[torch.Tensor, int, str]] = []
             for sample in self._shuffled(worker):
                 got_any = True
                 if to_skip > 0:  # resume: these were consumed before the interruption

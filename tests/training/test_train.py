@@ -1,0 +1,142 @@
+"""`mofi train` end to end with torchrun on 2 CPU processes: golden loss curve, exact resume after
+a kill, the checkpoint loads for evaluation, and bad input fails before compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_i2e
+
+from pipeline_tasks import cli
+from training import recipes
+from training.model import load_checkpoint, load_dual_encoder
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "cpu_test_loss.json")
+pytestmark = pytest.mark.slow
+
+
+def _config_file(path, **changes) -> str:
+    c = recipes.cpu_test().replace(epochs=2, checkpoint_every=3, keep_checkpoints=10, **changes)
+    with open(path, "w") as f:
+        f.write(c.to_json())
+    return str(path)
+
+
+def _train_cmd(i2e, out, config_file, *extra):
+    return [
+        sys.executable, "-m", "pipeline_tasks.cli", "-q", "train",
+        "--i2e", i2e, "--out", out, "--config-file", config_file, *extra,
+    ]  # fmt: skip
+
+
+def _curve(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    i2e = make_i2e(root / "i2e")
+    cfg = _config_file(root / "cfg.json")
+    out = str(root / "full")
+    proc = subprocess.run(_train_cmd(i2e, out, cfg), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return {"root": root, "i2e": i2e, "cfg": cfg, "out": out, "stdout": proc.stdout}
+
+
+def test_golden_loss_curve(full_run):
+    curve = _curve(full_run["out"])
+    assert [r["step"] for r in curve] == list(range(1, 13))  # 96 samples / (2 ranks x 8) x 2 epochs
+    got = {k: [r[k] for r in curve] for k in ("loss", "loss_class", "loss_contrast", "lr")}
+    if os.environ.get("MOFI_UPDATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(got, f, indent=1)
+    with open(GOLDEN) as f:
+        want = json.load(f)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-6), k
+    # it learns: the last epoch's mean loss is below the first's
+    assert sum(got["loss"][6:]) < sum(got["loss"][:6])
+    assert os.listdir(os.path.join(full_run["out"], "tb"))  # TensorBoard events
+
+
+def test_checkpoint_loads_for_evaluation(full_run):
+    model = load_dual_encoder(os.path.join(full_run["out"], "model.pt"))
+    extra = load_checkpoint(os.path.join(full_run["out"], "model.pt"))["extra"]
+    assert extra["trained_steps"] == 12 and extra["entity_head"].shape == (6, 32)
+    with torch.no_grad():
+        z = model.encode_image(torch.randn(3, 3, model.image_size, model.image_size))
+    assert z.shape == (3, 32) and torch.allclose(z.norm(dim=-1), torch.ones(3))
+
+
+def test_killed_run_resumes_to_the_same_curve(full_run):
+    out = str(full_run["root"] / "killed")
+    proc = subprocess.Popen(
+        _train_cmd(full_run["i2e"], out, full_run["cfg"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    first = os.path.join(out, "checkpoints", "step_00000003.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "model.pt")), "the run ended before the kill"
+    resumed = subprocess.run(
+        _train_cmd(full_run["i2e"], out, full_run["cfg"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming at step" in resumed.stdout
+    want = _curve(full_run["out"])
+    got = _curve(out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        for k in ("loss", "loss_class", "loss_contrast", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+    sa = load_checkpoint(os.path.join(out, "model.pt"))["state_dict"]
+    sb = load_checkpoint(os.path.join(full_run["out"], "model.pt"))["state_dict"]
+    for k in sb:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_fails_before_compute(full_run, tmp_path, capsys):
+    cfg, i2e = full_run["cfg"], full_run["i2e"]
+
+    def run(*args):
+        rc = cli.main(["-q", "train", "--config-file", cfg, "--out", str(tmp_path / "o"), *args])
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--i2e", str(tmp_path / "missing"))
+    assert rc == 2 and "sizes.json is missing" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = run("--i2e", str(empty))
+    assert rc == 2 and "not an I2E root" in err
+    # a checkpoint written by another config
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(full_run["out"], "checkpoints"), other / "checkpoints")
+    rc = cli.main(
+        ["-q", "train", "--config-file", cfg, "--i2e", i2e, "--out", str(other), "--seed", "9"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "different config (seed differ)" in err
+    # an unreachable rendezvous (nothing listens on 127.0.0.2:9)
+    rc, err = run("--i2e", i2e, "--nnodes", "2", "--rdzv-endpoint", "127.0.0.2:9")
+    assert rc == 2 and "unreachable" in err
+    # more ranks than shards
+    rc, err = run("--i2e", i2e, "--nproc-per-node", "5")
+    assert rc == 2 and "fewer than the 5 ranks" in err

@@ -248,6 +248,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if any(s["failed"] for s in summaries) else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.run import EvalConfig, run_eval
+
+    c = EvalConfig(
+        preprocess=args.preprocess,
+        domains=args.domains,
+        k=args.k,
+        zero_shot=not args.no_zero_shot,
+        linear_probe=not args.no_probe,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+    )
+    report = run_eval(
+        args.model,
+        args.images,
+        args.out,
+        c,
+        run_id=args.run_id,
+        results_url="" if args.no_results else args.results,
+        push_url=args.push,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return 0
+    m = report["metrics"]
+    print(
+        f"eval {report['model']} on {report['images']}: {report['n_images']} images, "
+        f"{report['n_classes']} classes ({report['singleton_classes']} with one image), "
+        f"skipped {report['skipped'] or 'none'}"
+    )
+    for k in sorted(m):
+        v = m[k]
+        print(f"  {k:<24}{v:.4f}" if isinstance(v, float) else f"  {k:<24}{v}")
+    print(
+        f"metrics -> {report['metrics_uri']}"
+        + (
+            f"; result #{report['result_id']} -> {report['results_url']}"
+            if "result_id" in report
+            else ""
+        )
+    )
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from evaluation import results
+
+    url = args.db or results.default_url()
+    rows = results.read_results(url)
+    if args.run_id:
+        rows = [r for r in rows if r["run_id"] == args.run_id]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(results.format_table(rows, args.metric))
+    if args.png and rows:
+        print(f"chart -> {results.write_chart(rows, args.png, args.metric)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pipeline_tasks import recipes
     from training import recipes as train_recipes
@@ -420,6 +482,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="check inputs, print the torchrun command"
     )
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="retrieval mAP (GPR1200 protocol), zero-shot, linear probe")
+    s.add_argument(
+        "--model", required=True, help="checkpoint .pt, open_clip:ARCH[:TAG_OR_PATH] or packaged"
+    )
+    s.add_argument("--images", required=True, help="folder of {class_id}_{name}.jpg images")
+    s.add_argument("--out", default=None, help="metrics JSON URI (default: beside the checkpoint)")
+    s.add_argument("--preprocess", choices=["model", "mofi"], default="model")
+    s.add_argument("--domains", choices=["auto", "gpr1200", "none"], default="auto")
+    s.add_argument("--k", type=int, default=0, help="also report GPR1200's mAP@k")
+    s.add_argument("--run-id", default="", help="run id in the results store (default: the model)")
+    s.add_argument(
+        "--results",
+        default=None,
+        help="SQLAlchemy URL of the results store (default: $MOFI_RESULTS_URL or runs/results.sqlite)",
+    )
+    s.add_argument("--no-results", action="store_true", help="do not append to the results store")
+    s.add_argument("--push", default=None, help="Pushgateway URL to push the metrics to")
+    s.add_argument("--no-zero-shot", action="store_true")
+    s.add_argument("--no-probe", action="store_true")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("results", help="the results store as a table, and a per-domain mAP chart")
+    s.add_argument(
+        "--db",
+        default=None,
+        help="SQLAlchemy URL (default: $MOFI_RESULTS_URL or runs/results.sqlite)",
+    )
+    s.add_argument("--png", default=None, help="write a chart of mAP by run here")
+    s.add_argument("--metric", default="map")
+    s.add_argument("--run-id", default="")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_results)
 
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run root URI (its direct sub-folders are scanned too)")

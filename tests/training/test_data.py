@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import make_i2e
+from mofi_testdata import make_i2e
 
 from training import data
 from training.core.config import ConfigError

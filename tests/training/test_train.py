@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_i2e
+from mofi_testdata import make_i2e
 
 from pipeline_tasks import cli
 from training import recipes

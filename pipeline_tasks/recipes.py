@@ -66,7 +66,11 @@ def demo() -> PipelineConfig:
     """The README's `make demo`: 5,000 pairs on a laptop-sized machine (a minute or two)."""
     b = base()
     return dataclasses.replace(
-        b, name="demo", corpus=b.corpus.replace(pairs=5000, shard_size=1000, workers=2)
+        b,
+        name="demo",
+        corpus=b.corpus.replace(pairs=5000, shard_size=1000, workers=2),
+        # ~17 I2E shards of 250: enough to deal evenly to the training ranks
+        write=b.write.replace(shard_size=250),
     )
 
 

@@ -509,6 +509,7 @@ class Trainer:
             )
         global_batch = c.data.batch_size * self.info.world_size * c.grad_accum
         t_log, n_log = time.time(), 0
+        t_start = t_log
         last: dict[str, float] = {}
         self.ddp.train()
         if self.head is not None:
@@ -543,15 +544,15 @@ class Trainer:
                 if micro < c.grad_accum:
                     continue
                 micro = 0
-                lr = self._apply_schedule()
-                if c.optim.grad_clip > 0:
-                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)
-                self.optimizer.step()
-                self.step += 1
+                lr = self.optimizer_step()
                 n_log += 1
                 acc = {k: dist_mod.all_mean(v, self.info) for k, v in acc.items()}
-                last = {**acc, "lr": lr, "scale": float(self.encoder.scale().detach())}
+                last = {
+                    **acc,
+                    "lr": lr,
+                    "scale": float(self.encoder.scale().detach()),
+                    "elapsed_s": time.time() - t_start,
+                }
                 if self.info.is_main:
                     self._log_step(last, bar)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
@@ -575,6 +576,16 @@ class Trainer:
         result = self.export()
         dist_mod.barrier(self.info)
         return {**result, **last}
+
+    def optimizer_step(self) -> float:
+        """Schedule, clip, step; returns the learning rate used."""
+        lr = self._apply_schedule()
+        if self.config.optim.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return lr
 
     def _apply_schedule(self) -> float:
         oc = self.config.optim

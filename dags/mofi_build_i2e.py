@@ -4,7 +4,8 @@ Wiring only: each task launches one `mofi` stage in its own process (spark-submi
 and vocab, scoring workers for score), so no heavy compute runs inside the Airflow worker.
 Work files go to ROOT/v=<logical date>/i2e_run, shards to ROOT/v=<logical date>/i2e. Every
 stage skips shards whose done marker exists, so clearing a failed task resumes it. The last
-task updates the ``mofi_i2e`` asset, on which the training DAG can be scheduled.
+task updates the ``mofi_i2e`` asset with the version's URI; the training DAG is scheduled
+on it.
 """
 
 from __future__ import annotations
@@ -64,11 +65,19 @@ def mofi_build_i2e():
     def vocab() -> str:
         return f"{MOFI} vocab --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
 
-    @task.bash(outlets=[I2E_ASSET])
+    @task.bash
     def write() -> str:
         return f"{MOFI} write --raw {{{{ params.raw }}}} --run {RUN} --out {I2E} {COMMON} && {MOFI} status {VERSION_ROOT}"
 
-    ner() >> score() >> vocab() >> write()
+    @task(outlets=[I2E_ASSET])
+    def publish(i2e_uri: str, *, outlet_events=None) -> str:
+        """Records the version's URI in the asset event (the train DAG reads it)."""
+        from pipeline_tasks.assets import asset_extra
+
+        outlet_events[I2E_ASSET].extra = asset_extra(i2e_uri)
+        return i2e_uri
+
+    ner() >> score() >> vocab() >> write() >> publish(I2E)
 
 
 mofi_build_i2e()

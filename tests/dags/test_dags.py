@@ -101,3 +101,31 @@ def test_build_i2e_dag_runs_end_to_end(tmp_path, tiny_corpus, migrated_db):
     i2e = root / version / "i2e"
     assert (i2e / "sizes.json").exists() and (i2e / "vocab.parquet").exists()
     assert any(f.endswith(".tar") for f in os.listdir(i2e))
+
+
+@pytest.mark.slow
+def test_train_dag_trains_evaluates_and_posts(tmp_path, migrated_db):
+    from airflow.dag_processing.dagbag import DagBag
+    from mofi_testdata import make_eval_folder, make_i2e
+
+    from evaluation.results import read_results
+
+    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_train"]
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["mofi_i2e"]
+    i2e = make_i2e(tmp_path / "i2e")
+    images = make_eval_folder(tmp_path / "eval")
+    db = f"sqlite:///{tmp_path}/results.sqlite"
+    run = dag.test(
+        run_conf={
+            "i2e": i2e,
+            "root": str(tmp_path / "train"),
+            "config": "cpu_test",
+            "images": images,
+            "results": db,
+        }
+    )
+    assert run.state == "success"
+    (run_dir,) = os.listdir(tmp_path / "train")
+    assert os.path.exists(tmp_path / "train" / run_dir / "model.pt")
+    rows = read_results(db)
+    assert len(rows) == 1 and 0 < rows[0]["metrics"]["map"] <= 1

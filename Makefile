@@ -10,6 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 RUN ?= runs/demo
 PAIRS ?= 5000
 SEED ?= 0
+RESULTS ?= sqlite:///$(abspath $(RUN))/results.sqlite
 
 .PHONY: setup verify demo test test-fast bench lint format clean distclean lock
 
@@ -34,6 +35,10 @@ demo: setup
 	$(VENV)/bin/mofi corpus --out $(RUN)/raw --kb $(RUN)/kb --pairs $(PAIRS) --seed $(SEED) --config demo
 	$(VENV)/bin/mofi build-i2e --raw $(RUN)/raw --kb $(RUN)/kb --run $(RUN) --out $(RUN)/i2e --config demo
 	$(VENV)/bin/mofi status $(RUN)
+	$(VENV)/bin/mofi train --i2e $(RUN)/i2e --out $(RUN)/train --config demo
+	$(VENV)/bin/mofi eval --model packaged --images $(RUN)/eval --out $(RUN)/eval_packaged.metrics.json --run-id demo/packaged --results $(RESULTS)
+	$(VENV)/bin/mofi eval --model $(RUN)/train/model.pt --images $(RUN)/eval --run-id demo/mofi --results $(RESULTS)
+	$(VENV)/bin/mofi results --db $(RESULTS) --png $(RUN)/results.png
 
 test: setup
 	$(PY) -m pytest -q
@@ -43,6 +48,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) tests/benchmarks/bench_corpus_memory.py --pairs 100000
+	$(PY) tests/benchmarks/bench_map.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -55,7 +55,6 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(
         module,
         device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        broadcast_buffers=True,
     )
 
 

@@ -310,10 +310,10 @@ class Trainer:
             # every rank starts from the same full weight, sliced to its shard
             g = torch.Generator().manual_seed(config.seed + 1)
             head.load_full_weight(torch.randn(n_cls, dim, generator=g) / math.sqrt(dim))
-        self.sharded = sharded
+        self.sharded = sharded and head is not None
         self.head = head
-        self.module = MofiTrainModule(self.encoder, None if sharded else head).to(self.device)
-        if sharded:
+        self.module = MofiTrainModule(self.encoder, None if self.sharded else head).to(self.device)
+        if self.sharded:
             self.head.to(self.device)
         self.ddp = dist_mod.wrap_ddp(self.module, self.info)
         oc = config.optim

@@ -140,3 +140,22 @@ def test_bad_input_fails_before_compute(full_run, tmp_path, capsys):
     # more ranks than shards
     rc, err = run("--i2e", i2e, "--nproc-per-node", "5")
     assert rc == 2 and "fewer than the 5 ranks" in err
+
+
+@pytest.mark.parametrize("mode", ["supervised", "contrastive"])
+def test_single_loss_modes_train_on_two_ranks(full_run, mode, tmp_path):
+    out = str(tmp_path / mode)
+    proc = subprocess.run(
+        _train_cmd(full_run["i2e"], out, full_run["cfg"], "--mode", mode, "--max-steps", "3"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    curve = _curve(out)
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    present = {"supervised": "loss_class", "contrastive": "loss_contrast"}[mode]
+    absent = {"supervised": "loss_contrast", "contrastive": "loss_class"}[mode]
+    assert all(present in r and absent not in r for r in curve)
+    extra = load_checkpoint(os.path.join(out, "model.pt"))["extra"]
+    assert ("entity_head" in extra) == (mode == "supervised")

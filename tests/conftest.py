@@ -310,3 +310,15 @@ def tiny_corpus(tmp_path_factory):
         "truth": str(root / "truth"),
         "eval": str(root / "eval"),
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is present (never in CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

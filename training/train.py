@@ -509,7 +509,7 @@ class Trainer:
             )
         global_batch = c.data.batch_size * self.info.world_size * c.grad_accum
         t_log, n_log = time.time(), 0
-        t_start = t_log
+        t_start = t_step = t_log
         last: dict[str, float] = {}
         self.ddp.train()
         if self.head is not None:
@@ -547,23 +547,22 @@ class Trainer:
                 lr = self.optimizer_step()
                 n_log += 1
                 acc = {k: dist_mod.all_mean(v, self.info) for k, v in acc.items()}
+                now = time.time()
                 last = {
                     **acc,
                     "lr": lr,
                     "scale": float(self.encoder.scale().detach()),
-                    "elapsed_s": time.time() - t_start,
+                    "samples_per_s": global_batch / max(now - t_step, 1e-9),
+                    "elapsed_s": now - t_start,
                 }
+                t_step = now
                 if self.info.is_main:
                     self._log_step(last, bar)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
-                    dt = time.time() - t_log
-                    sps = n_log * global_batch / max(dt, 1e-9)
-                    last["samples_per_s"] = sps
+                    sps = n_log * global_batch / max(now - t_log, 1e-9)  # over the interval
                     if self.info.is_main:
                         bar.set_postfix(loss=f"{acc['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
-                        if self.writer:
-                            self.writer.add_scalar("train/samples_per_s", sps, self.step)
-                    t_log, n_log = time.time(), 0
+                    t_log, n_log = now, 0
                 if self.step % c.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
                 if self.step >= self.total_steps or self.step >= sum(self.plan[: epoch + 1]):

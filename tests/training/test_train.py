@@ -13,8 +13,9 @@ import time
 
 import pytest
 import torch
-from mofi_testdata import make_i2e
+from mofi_testdata import make_eval_folder, make_i2e
 
+from evaluation.run import EvalConfig, run_eval
 from pipeline_tasks import cli
 from training import recipes
 from training.model import load_checkpoint, load_dual_encoder
@@ -159,3 +160,46 @@ def test_single_loss_modes_train_on_two_ranks(full_run, mode, tmp_path):
     assert all(present in r and absent not in r for r in curve)
     extra = load_checkpoint(os.path.join(out, "model.pt"))["extra"]
     assert ("entity_head" in extra) == (mode == "supervised")
+
+
+def test_gradient_accumulation_in_one_process(tmp_path):
+    """A plain process (no torchrun) is rank 0 of 1; 2 micro-batches per optimiser step."""
+    i2e = make_i2e(tmp_path / "i2e", n_shards=2)
+    cfg = _config_file(tmp_path / "cfg.json", grad_accum=2, max_steps=3)
+    out = str(tmp_path / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--i2e", i2e, "--out", out, "--config-file", cfg],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = _curve(out)
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    assert all(r["samples_per_s"] > 0 for r in curve)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_and_eval(tmp_path):
+    i2e = make_i2e(tmp_path / "i2e", n_shards=2)
+    dist = recipes.cpu_test().dist.replace(device="cuda", nproc_per_node=1)
+    cfg = _config_file(tmp_path / "cfg.json", precision="bf16", max_steps=4, dist=dist)
+    out = str(tmp_path / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--i2e", i2e, "--out", out, "--config-file", cfg],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_curve(out)) == 4
+    images = make_eval_folder(tmp_path / "eval")
+    report = run_eval(
+        os.path.join(out, "model.pt"),
+        images,
+        str(tmp_path / "m.json"),
+        EvalConfig(device="cuda", workers=0),
+        results_url="",
+        progress=False,
+    )
+    assert 0 < report["metrics"]["map"] <= 1

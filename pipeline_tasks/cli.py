@@ -179,6 +179,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             ("model", args.model),
             ("devices", args.devices),
             ("batch_size", args.batch_size),
+            ("loader_workers", args.loader_workers),
         )
         if v is not None
     }

@@ -69,6 +69,9 @@ def demo() -> PipelineConfig:
         b,
         name="demo",
         corpus=b.corpus.replace(pairs=5000, shard_size=1000, workers=2),
+        # batches of 32 on CPU: faster per image than 128 here, and activations stay under the
+        # scoring worker's 64 MB heap threshold
+        score=b.score.replace(batch_size=32),
         # ~17 I2E shards of 250: enough to deal evenly to the training ranks
         write=b.write.replace(shard_size=250),
     )

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import queue
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,7 +58,9 @@ class ScoreConfig(cfg.StageConfig):
         "",
         "packaged/mofi: checkpoint URI (packaged default: RUN/scorer/packaged.pt); open_clip: ARCH, ARCH:HUB_TAG or ARCH:/path/ckpt.pt",
     )
-    batch_size: int = cfg.field(128, "images per forward pass")
+    batch_size: int = cfg.field(
+        128, "images per forward pass (every pass has this shape: a shard's last batch is padded)"
+    )
     loader_workers: int = cfg.field(1, "decode processes per scoring worker")
     devices: str = cfg.field(
         "auto", "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1"
@@ -77,6 +80,12 @@ class ScoreConfig(cfg.StageConfig):
     torch_threads: int = cfg.field(
         0, "model threads (0: every core on CPU, 2 on a GPU, whose host cores decode)"
     )
+    heap_mmap_threshold_mb: int = cfg.field(
+        64, "glibc: allocations up to this size come from the reusable heap (0: glibc's default)"
+    )
+    heap_trim_threshold_mb: int = cfg.field(
+        1024, "glibc: free heap kept for reuse before it is returned to the OS (0: glibc's default)"
+    )
 
     def validate(self) -> None:
         self._check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
@@ -93,6 +102,8 @@ class ScoreConfig(cfg.StageConfig):
             "each prompt needs {name}",
         )
         self._check(self.max_pixels >= 1024, "max_pixels", "must be >= 1024")
+        self._check(self.heap_mmap_threshold_mb >= 0, "heap_mmap_threshold_mb", "must be >= 0")
+        self._check(self.heap_trim_threshold_mb >= 0, "heap_trim_threshold_mb", "must be >= 0")
         if self.backend == "open_clip":
             self._check(
                 bool(self.model), "model", "open_clip needs ARCH, ARCH:TAG or ARCH:/path/ckpt.pt"
@@ -398,10 +409,10 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     import torch
     from torch.utils.data import DataLoader
 
-    from training.core.device import limit_heap_growth, pick_device
+    from training.core.device import pick_device, tune_heap
 
     c = ScoreConfig.from_dict(spec["config"])
-    limit_heap_growth()
+    tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
     device = pick_device(spec["devices"][rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -444,7 +455,10 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         if kind == "batch":
             _, _, keys, x, cand = item
             t0 = time.perf_counter()
-            feats = backend.encode_images(x, on_device=True)
+            n_real = x.shape[0]
+            if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
+                x = torch.cat([x, x.new_zeros((c.batch_size - n_real, *x.shape[1:]))])
+            feats = backend.encode_images(x, on_device=True)[:n_real]
             # every (image, candidate) pair of the batch in one gathered dot product
             img_rows = [i for i, cs in enumerate(cand) for _ in cs]
             ent_rows = [index[e] for cs in cand for e in cs]
@@ -485,12 +499,25 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     return {
         "rank": rank,
         "device": str(device),
+        "peak_rss_bytes": _peak_rss_bytes(),
         "images": n_img,
         "model_s": t_img,
         "loop_s": time.perf_counter() - t_loop,
         "steady_s": time.perf_counter() - (t_first or time.perf_counter()),
         "wait_s": t_wait,
     }
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set (the kernel's VmHWM); 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _worker_entry(rank: int, world: int, spec: dict[str, Any], results) -> None:
@@ -592,20 +619,30 @@ def run_score(
     world = min(len(devices), len(todo))
     n_total = len(todo)
     bar = tqdm(total=n_total, unit="shard", desc="score", disable=not progress, dynamic_ncols=True)
-    if world == 1:
-        reports = [_score_worker(0, 1, spec)]
-    else:
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_worker_entry, args=(r, world, spec, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        reports = [q.get() for _ in procs]
-        for p in procs:
-            p.join()
-        errors = [r["error"] for r in reports if "error" in r]
-        if errors:
-            raise RuntimeError(f"score workers failed: {errors}")
+    # Workers are always fresh processes (spawn), also for one device: they inherit nothing
+    # of the text phase above (text tower, KB), so their memory is the image loop's alone,
+    # and a parent that has threads (an Airflow task, pytest) cannot deadlock a fork.
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker_entry, args=(r, world, spec, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    reports = []
+    for _ in procs:
+        while True:
+            try:
+                reports.append(q.get(timeout=5))
+                break
+            except queue.Empty:
+                if not any(x.is_alive() for x in procs) and q.empty():
+                    raise RuntimeError(
+                        f"score workers exited without a report (exit codes {[x.exitcode for x in procs]})"
+                    ) from None
+    for p in procs:
+        p.join()
+    errors = [r["error"] for r in reports if "error" in r]
+    if errors:
+        raise RuntimeError(f"score workers failed: {errors}")
     bar.n = n_total
     bar.close()
     t_img = time.time() - t1
@@ -622,6 +659,7 @@ def run_score(
             sum(r["images"] / r["steady_s"] for r in reports if r.get("steady_s")), 1
         ),
         model_seconds=round(sum(r["model_s"] for r in reports), 2),
+        worker_peak_rss_bytes=max(r["peak_rss_bytes"] for r in reports),
         loader_wait_seconds=round(sum(r["wait_s"] for r in reports), 2),
         devices=devices[:world],
     )

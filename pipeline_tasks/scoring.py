@@ -409,7 +409,7 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     import torch
     from torch.utils.data import DataLoader
 
-    from training.core.device import pick_device, tune_heap
+    from training.core.device import peak_rss_bytes, pick_device, tune_heap
 
     c = ScoreConfig.from_dict(spec["config"])
     tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
@@ -499,25 +499,13 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     return {
         "rank": rank,
         "device": str(device),
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "images": n_img,
         "model_s": t_img,
         "loop_s": time.perf_counter() - t_loop,
         "steady_s": time.perf_counter() - (t_first or time.perf_counter()),
         "wait_s": t_wait,
     }
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set (the kernel's VmHWM); 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _worker_entry(rank: int, world: int, spec: dict[str, Any], results) -> None:

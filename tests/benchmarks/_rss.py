@@ -15,16 +15,7 @@ import time
 
 import psutil
 
-
-def _hwm(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from training.core.device import peak_rss_bytes
 
 
 def run_and_sample(cmd: list[str], interval: float = 0.1, **popen_kw) -> dict:
@@ -43,7 +34,7 @@ def run_and_sample(cmd: list[str], interval: float = 0.1, **popen_kw) -> dict:
                 pss, rss = [], []
                 for p in procs:
                     try:
-                        hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
+                        hwm[p.pid] = max(hwm.get(p.pid, 0), peak_rss_bytes(p.pid))
                         info = p.memory_full_info()
                         pss.append(getattr(info, "pss", info.rss))
                         rss.append(info.rss)

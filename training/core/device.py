@@ -75,3 +75,15 @@ def tune_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -> 
         return ok
     except (OSError, AttributeError):
         return False
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set (the kernel's VmHWM); 0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

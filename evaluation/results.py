@@ -201,21 +201,23 @@ def write_chart(rows: list[dict[str, Any]], path: str, metric: str = "map") -> s
     series = ["all", *domains]
     x = np.arange(len(series))
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(series) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(series) + 2), 4 + 0.18 * len(rows)))
     for i, r in enumerate(rows):
         m = r["metrics"]
         vals = [m.get(metric, 0.0)] + [m.get(f"{metric}/{d}", 0.0) for d in domains]
-        ax.bar(
+        bars = ax.bar(
             x + i * width - 0.4 + width / 2,
             vals,
             width,
-            label=f"#{r['id']} {r['run_id']} ({r['model']})"[:60],
+            label=f"#{r['id']} {r['run_id']} ({r['model']})"[:70],
         )
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(x, series)
     ax.set_ylabel(metric)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)
     ax.set_title(f"retrieval {metric} by run")
-    ax.legend(fontsize=7, loc="upper right")
+    # below the axes, so the legend never hides a bar
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

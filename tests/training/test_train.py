@@ -77,6 +77,17 @@ def test_checkpoint_loads_for_evaluation(full_run):
     with torch.no_grad():
         z = model.encode_image(torch.randn(3, 3, model.image_size, model.image_size))
     assert z.shape == (3, 32) and torch.allclose(z.norm(dim=-1), torch.ones(3))
+    # the `mofi` scorer backend filters the next I2E rebuild with it
+    from pipeline_tasks import recipes as pipeline_recipes
+    from pipeline_tasks import scoring
+
+    c = pipeline_recipes.get("cpu_test").score.replace(
+        backend="mofi", model=os.path.join(full_run["out"], "model.pt")
+    )
+    backend = scoring.build_backend(c, full_run["out"], torch.device("cpu"))
+    x = torch.randint(0, 256, (2, 3, backend.image_size, backend.image_size), dtype=torch.uint8)
+    assert backend.encode_images(x).shape == (2, 32)
+    assert backend.encode_texts(["thing 1, a round colour 1"]).shape == (1, 32)
 
 
 def test_killed_run_resumes_to_the_same_curve(full_run):

@@ -31,7 +31,7 @@ from PIL import Image
 
 from training.core import storage
 from training.core.config import ConfigError
-from training.transforms import OPENAI_MEAN, OPENAI_STD, resize_center_crop, to_uint8_tensor
+from training.transforms import OPENAI_MEAN, OPENAI_STD, preprocess, to_uint8_tensor
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -110,7 +110,7 @@ class Preprocess:
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         if self.kind == "model":
-            x = to_uint8_tensor(resize_center_crop(im, self.image_size)).float() / 255.0
+            x = preprocess(im, self.image_size).float() / 255.0
             return (x - mean) / std
         # mofi: float tensor, resize without antialiasing, centre crop
         x = to_uint8_tensor(im).float() / 255.0

@@ -118,16 +118,22 @@ def retrieval_map(
     domains: Sequence[tuple[str, int, int]] | None = None,
     chunk: int = 1024,
     device: str | torch.device = "cpu",
+    is_query: np.ndarray | None = None,
 ) -> RetrievalResult:
-    """mAP (or GPR1200's mAP@k) and, for declared class-id blocks, the per-domain mAP."""
+    """mAP (or GPR1200's mAP@k) and, for declared class-id blocks, the per-domain mAP.
+
+    ``is_query`` (a boolean per image) averages only those images' APs; the others still
+    stand in every ranking as gallery images.
+    """
     ap = average_precisions(features, labels, k=k, chunk=chunk, device=device)
     lab = np.asarray(labels)
+    q = np.ones(len(ap), dtype=bool) if is_query is None else np.asarray(is_query, dtype=bool)
     per_domain = {}
     for name, lo, hi in domains or ():
-        m = (lab >= lo) & (lab < hi)
+        m = q & (lab >= lo) & (lab < hi)
         if m.any():
             per_domain[name] = float(ap[m].mean())
-    return RetrievalResult(float(ap.mean()) if len(ap) else 0.0, ap, per_domain, k)
+    return RetrievalResult(float(ap[q].mean()) if q.any() else 0.0, ap, per_domain, k)
 
 
 def reference_average_precisions(

@@ -129,20 +129,18 @@ def run_eval(
     # A class with one image would find itself first (AP 1): it stays in the gallery as a
     # distractor but is not averaged as a query.
     domains = _domains(c.domains, labels.tolist())
-    res = retrieval_map(feats, labels, domains=None, device=device)
     is_query = np.array([counts[lab] > 1 for lab in labels])
     if not is_query.any():
         raise cfg.ConfigError(
             f"{images_uri}: every class has a single image; retrieval needs pairs"
         )
-    metrics: dict[str, Any] = {"map": float(res.ap[is_query].mean())}
-    for name, lo, hi in domains or ():
-        m = is_query & (labels >= lo) & (labels < hi)
-        if m.any():
-            metrics[f"map/{name}"] = float(res.ap[m].mean())
+    metrics: dict[str, Any] = retrieval_map(
+        feats, labels, domains=domains, device=device, is_query=is_query
+    ).metrics()
     if c.k:
-        rk = retrieval_map(feats, labels, k=c.k, device=device)
-        metrics[f"map@{c.k}"] = float(rk.ap[is_query].mean())
+        metrics.update(
+            retrieval_map(feats, labels, k=c.k, device=device, is_query=is_query).metrics()
+        )
     t3 = time.time()
     if c.zero_shot and model.encode_text is not None and folder.class_names:
         with torch.no_grad():

@@ -63,12 +63,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_mean(x: float, info: DistInfo) -> float:
+def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Mean over ranks of each value, in one all-reduce."""
     if info.world_size == 1:
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=info.device)
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def cleanup() -> None:

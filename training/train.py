@@ -23,6 +23,7 @@ Nothing here imports Airflow, Spark or pipeline_tasks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -321,6 +322,7 @@ class Trainer:
             _param_groups(self.encoder, head, oc), lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps
         )
         self.image_size = config.data.image_size or self.encoder.image_size
+        self.entity_texts = self.manifest.entity_texts()
         self.text_feats = (
             self._text_features() if lc.uses_contrast and config.model.lock_text else None
         )
@@ -330,7 +332,7 @@ class Trainer:
     # text of each class: the locked text tower runs once per entity, not once per sample
     @torch.no_grad()
     def _text_features(self) -> torch.Tensor:
-        texts = self.manifest.entity_texts()
+        texts = self.entity_texts
         out = []
         self.encoder.text_tower.eval()
         for i in range(0, len(texts), 256):
@@ -344,8 +346,7 @@ class Trainer:
     def _text_inputs(self, labels: torch.Tensor):
         if self.text_feats is not None:
             return self.text_feats[labels]
-        texts = self.manifest.entity_texts()
-        tok = self.encoder.tokenize([texts[i] for i in labels.tolist()])
+        tok = self.encoder.tokenize([self.entity_texts[i] for i in labels.tolist()])
         return {k: v.to(self.device) for k, v in tok.items()}
 
     # ---------------------------------------------------------- checkpoint I/O (collective)
@@ -461,7 +462,11 @@ class Trainer:
         labels = batch["label"].to(self.device)
         text = self._text_inputs(labels) if lc.uses_contrast else None
         sync = micro == accum - 1 or self.info.world_size == 1
-        ctx = self.ddp.no_sync() if not sync and hasattr(self.ddp, "no_sync") else _null()
+        ctx = (
+            self.ddp.no_sync()
+            if not sync and hasattr(self.ddp, "no_sync")
+            else contextlib.nullcontext()
+        )
         out: dict[str, float] = {}
         with ctx:
             with autocast(self.device, self.amp):
@@ -546,7 +551,7 @@ class Trainer:
                 micro = 0
                 lr = self.optimizer_step()
                 n_log += 1
-                acc = {k: dist_mod.all_mean(v, self.info) for k, v in acc.items()}
+                acc = dist_mod.all_mean(acc, self.info)
                 now = time.time()
                 last = {
                     **acc,
@@ -622,14 +627,6 @@ class Trainer:
                 uri, "dual_encoder", self.config.model, checkpoint_state(self.encoder, True), extra
             )
         return {"model": uri, "steps": self.step}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def hash_seed(*parts: int) -> int:

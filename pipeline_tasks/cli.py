@@ -180,6 +180,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             ("devices", args.devices),
             ("batch_size", args.batch_size),
             ("loader_workers", args.loader_workers),
+            ("decode", args.decode),
         )
         if v is not None
     }
@@ -434,7 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", default=None, help="auto, cpu, or cuda:0,cuda:1")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument(
-        "--loader-workers", type=int, default=None, help="decode processes per scoring worker"
+        "--decode",
+        choices=["auto", "processes", "threads"],
+        default=None,
+        help="decode in loader processes overlapped with the model (GPUs) or in threads between forward passes (CPU); auto picks by device",
+    )
+    s.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="decode processes or threads per scoring worker (0: auto)",
     )
     s.set_defaults(fn=cmd_score)
 

@@ -136,8 +136,9 @@ def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = N
         if draft_size and im.format == "JPEG":
             # decode at a reduced DCT scale when the image is far larger than needed
             im.draft("RGB", (draft_size, draft_size))
-        im = im.convert("RGB")
         im.load()
+        if im.mode != "RGB":
+            im = im.convert("RGB")
         return im, None
     except Image.DecompressionBombError:
         return None, "image_too_large"

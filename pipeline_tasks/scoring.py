@@ -61,7 +61,18 @@ class ScoreConfig(cfg.StageConfig):
     batch_size: int = cfg.field(
         128, "images per forward pass (every pass has this shape: a shard's last batch is padded)"
     )
-    loader_workers: int = cfg.field(1, "decode processes per scoring worker")
+    decode: str = cfg.field(
+        "auto",
+        "where images are decoded: processes (loader processes overlapped with the model: for "
+        "GPUs), threads (a thread pool inside the worker, between forward passes: for CPU, where "
+        "an overlapped decoder takes cores from the model's threads), auto (threads on CPU, "
+        "processes on CUDA)",
+    )
+    loader_workers: int = cfg.field(
+        0,
+        "decode processes or threads per scoring worker; 0: auto (processes: the worker's share "
+        "of the host's cores minus the model's threads; threads: the model's thread count)",
+    )
     devices: str = cfg.field(
         "auto", "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1"
     )
@@ -91,6 +102,11 @@ class ScoreConfig(cfg.StageConfig):
         self._check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
         self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._check(self.loader_workers >= 0, "loader_workers", "must be >= 0")
+        self._check(
+            self.decode in ("auto", "processes", "threads"),
+            "decode",
+            "auto, processes or threads",
+        )
         self._check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
             "precision",
@@ -342,64 +358,113 @@ def _spread_over_all_cores(worker_id: int) -> None:
 class ShardStream(IterableDataset):
     """Iterable over (kind, shard, ...) items: uint8 image batches per shard, then its end record.
 
-    Each loader process takes whole shards (``shards[worker::workers]``), so reading a tar is
-    sequential and decoding overlaps the model's compute in the parent.
+    In loader processes (``decode=processes``) each process takes whole shards
+    (``shards[worker::workers]``), so reading a tar is sequential and decoding overlaps the
+    model's compute in the parent. Iterated in the worker itself (``decode=threads``), the tar
+    is read in order and each batch's images are decoded by ``decode_threads`` threads (PIL
+    releases the GIL while it decodes and resizes). Either way a shard's batches hold the same
+    images in the same order.
     """
 
     def __init__(
-        self, shards: list[tuple[str, str, str]], image_size: int, batch_size: int, max_pixels: int
+        self,
+        shards: list[tuple[str, str, str]],
+        image_size: int,
+        batch_size: int,
+        max_pixels: int,
+        decode_threads: int = 1,
     ):
         self.shards = shards  # (shard id, tar uri, mentions uri)
         self.image_size = image_size
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.decode_threads = decode_threads
+
+    def _decode(self, data: bytes | None):
+        """(uint8 HWC array, None) or (None, drop reason). No torch here: a torch op in a
+        decode thread would start an OpenMP team of its own."""
+        from training.transforms import resize_center_crop, to_uint8_hwc
+
+        im, reason = raw_mod.decode_image(data, self.max_pixels, draft_size=self.image_size)
+        if reason:
+            return None, reason
+        return to_uint8_hwc(resize_center_crop(im, self.image_size)), None
 
     def __iter__(self) -> Iterator[tuple]:
         import torch
         from torch.utils.data import get_worker_info
-
-        from training.transforms import preprocess
 
         info = get_worker_info()
         mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         if info is not None:
             torch.set_num_threads(1)
             _spread_over_all_cores(info.id)
-        for sid, tar_uri, mentions_uri in mine:
-            stats = markers.ShardStats()
-            drop = markers.DropLogger(stats, log)
-            try:
-                cands = read_candidates(mentions_uri)
-                stats.n_in = len(cands)
-                seen: set[str] = set()
-                keys: list[str] = []
-                imgs: list[torch.Tensor] = []
-                for key, group in raw_mod.iter_tar_samples(
-                    tar_uri, drop, wanted=raw_mod.IMAGE_EXTS
-                ):
-                    base = key.rsplit("/", 1)[-1]
-                    if base not in cands or base in seen:
-                        continue
-                    seen.add(base)
-                    im, reason = raw_mod.decode_image(
-                        raw_mod.image_bytes(group), self.max_pixels, draft_size=self.image_size
-                    )
+        pool = None
+        if self.decode_threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mofi-decode")
+        # with a pool, an image is decoded while the tar goes on being read
+        decode = (lambda d: pool.submit(self._decode, d).result) if pool else self._decoded
+        try:
+            for sid, tar_uri, mentions_uri in mine:
+                yield from self._shard(sid, tar_uri, mentions_uri, decode)
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+
+    def _decoded(self, data: bytes | None):
+        out = self._decode(data)
+        return lambda: out
+
+    def _shard(self, sid: str, tar_uri: str, mentions_uri: str, decode) -> Iterator[tuple]:
+        from training.transforms import stack_hwc
+
+        stats = markers.ShardStats()
+        drop = markers.DropLogger(stats, log)
+        try:
+            cands = read_candidates(mentions_uri)
+            stats.n_in = len(cands)
+            seen: set[str] = set()
+            todo: list[tuple[str, Any]] = []  # (key, callable giving its decode result)
+            keys: list[str] = []
+            imgs: list[np.ndarray] = []
+
+            def decode_todo() -> None:
+                for base, result in todo:
+                    x, reason = result()
                     if reason:
                         drop(reason, f"{sid}/{base}")
-                        continue
-                    keys.append(base)
-                    imgs.append(preprocess(im, self.image_size))
+                    else:
+                        keys.append(base)
+                        imgs.append(x)
+                todo.clear()
+
+            def batch(n: int) -> tuple:
+                x = stack_hwc(imgs[:n])  # channels-last NCHW, the CPU model's layout
+                out = ("batch", sid, keys[:n], x, [cands[k] for k in keys[:n]])
+                del keys[:n], imgs[:n]
+                return out
+
+            for key, group in raw_mod.iter_tar_samples(tar_uri, drop, wanted=raw_mod.IMAGE_EXTS):
+                base = key.rsplit("/", 1)[-1]
+                if base not in cands or base in seen:
+                    continue
+                seen.add(base)
+                todo.append((base, decode(raw_mod.image_bytes(group))))
+                if len(keys) + len(todo) == self.batch_size:
+                    decode_todo()
                     if len(keys) == self.batch_size:
-                        yield ("batch", sid, keys, torch.stack(imgs), [cands[k] for k in keys])
-                        keys, imgs = [], []
-                if keys:
-                    yield ("batch", sid, keys, torch.stack(imgs), [cands[k] for k in keys])
-                missing = len(set(cands) - seen) - sum(stats.drops.values())
-                if missing > 0:
-                    stats.drop("image_missing_in_tar", missing)
-                yield ("end", sid, stats.to_dict())
-            except Exception as exc:  # the shard fails alone
-                yield ("fail", sid, f"{type(exc).__name__}: {exc}")
+                        yield batch(self.batch_size)
+            decode_todo()
+            while keys:
+                yield batch(min(len(keys), self.batch_size))
+            missing = len(set(cands) - seen) - sum(stats.drops.values())
+            if missing > 0:
+                stats.drop("image_missing_in_tar", missing)
+            yield ("end", sid, stats.to_dict())
+        except Exception as exc:  # the shard fails alone
+            yield ("fail", sid, f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------ workers
@@ -426,14 +491,20 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     ).to(device)
     store = markers.MarkerStore(spec["out_uri"], STAGE)
-    mine = spec["shards"][rank::world]
-    stream = ShardStream([tuple(s) for s in mine], backend.image_size, c.batch_size, c.max_pixels)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=min(c.loader_workers, len(mine)),
-        prefetch_factor=4 if c.loader_workers else None,
-    )
+    mine = [tuple(s) for s in spec["shards"][rank::world]]
+    mode, n_decode = decode_plan(c, device, threads, world)
+    if mode == "threads":
+        # Decode and forward take turns on the same cores: a decoder running beside the
+        # model would hold a core that one of the model's threads waits for at every op.
+        stream = ShardStream(mine, backend.image_size, c.batch_size, c.max_pixels, n_decode)
+        loader = DataLoader(stream, batch_size=None, num_workers=0)
+    else:
+        n_decode = min(n_decode, len(mine))
+        stream = ShardStream(mine, backend.image_size, c.batch_size, c.max_pixels)
+        # decoded batches in flight (they pass through /dev/shm): 8, or 2 per loader process
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=n_decode, prefetch_factor=max(2, 8 // n_decode)
+        )
     buffers: dict[str, list[tuple[str, str, float]]] = {}
     started: dict[str, float] = {}
     t_img, n_img = 0.0, 0
@@ -505,7 +576,19 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         "loop_s": time.perf_counter() - t_loop,
         "steady_s": time.perf_counter() - (t_first or time.perf_counter()),
         "wait_s": t_wait,
+        "decode": f"{n_decode} {mode}",
     }
+
+
+def decode_plan(c: ScoreConfig, device, model_threads: int, world: int) -> tuple[str, int]:
+    """(``threads`` or ``processes``, how many) for one scoring worker on ``device``."""
+    mode = c.decode if c.decode != "auto" else ("threads" if device.type == "cpu" else "processes")
+    if c.loader_workers:
+        return mode, c.loader_workers
+    if mode == "threads":
+        return mode, model_threads
+    share = max(1, (os.cpu_count() or 1) // max(1, world))
+    return mode, max(1, share - (model_threads if device.type == "cpu" else 1))
 
 
 def _worker_entry(rank: int, world: int, spec: dict[str, Any], results) -> None:
@@ -650,6 +733,7 @@ def run_score(
         worker_peak_rss_bytes=max(r["peak_rss_bytes"] for r in reports),
         loader_wait_seconds=round(sum(r["wait_s"] for r in reports), 2),
         devices=devices[:world],
+        decode=sorted({r["decode"] for r in reports}),
     )
     recs = store.read_all()
     result["failed"] = {

@@ -1,7 +1,7 @@
 """Image preprocessing with PIL (never torchvision.io): decode in loader workers, normalise on device.
 
-Loader workers return uint8 CHW tensors (4x less to move between processes than float32);
-``normalize`` turns a batch into the model's dtype on its device.
+Loader workers return uint8 tensors (4x less to move between processes than float32);
+``normalize`` turns a batch into the model's dtype and memory layout on its device.
 """
 
 from __future__ import annotations
@@ -25,9 +25,18 @@ def resize_center_crop(im: Image.Image, size: int, resample=Image.BICUBIC) -> Im
     return im.crop((left, top, left + size, top + size))
 
 
+def to_uint8_hwc(im: Image.Image) -> np.ndarray:
+    """The RGB pixels as a read-only HWC uint8 array (converted only when not RGB already)."""
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+
+
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
-    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(to_uint8_hwc(im).copy()).permute(2, 0, 1).contiguous()
+
+
+def stack_hwc(arrays: list[np.ndarray]) -> torch.Tensor:
+    """HWC arrays to one uint8 NCHW batch in channels-last layout: one copy, no transpose."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def preprocess(im: Image.Image, size: int) -> torch.Tensor:
@@ -41,4 +50,6 @@ def normalize(
     m = torch.tensor(mean, device=x.device, dtype=dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=dtype).view(1, -1, 1, 1)
     x = (x - m) / s
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )

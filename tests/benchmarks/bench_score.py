@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--devices", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--loader-workers", type=int, default=None)
+    ap.add_argument("--decode", choices=["auto", "processes", "threads"], default=None)
     ap.add_argument("--shards", default="2,20", help="the two shard counts compared for memory")
     ap.add_argument(
         "--mentions-from-truth",
@@ -126,6 +127,7 @@ def main() -> int:
             ("devices", args.devices),
             ("batch_size", args.batch_size),
             ("loader_workers", args.loader_workers),
+            ("decode", args.decode),
         )
         if v is not None
     }
@@ -137,13 +139,12 @@ def main() -> int:
     tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
     torch.set_num_threads(c.torch_threads or os.cpu_count() or 1)
     backend = scoring.build_backend(c, args.run, device)
-    # The reference is measured before and after the scoring runs and averaged, so drift of
-    # the shared machine does not favour either side.
+    # The reference is measured right before and right after each scoring run and the two
+    # are averaged, so drift of the shared machine favours neither side.
     n_bare = 20 if device.type == "cpu" else 30
     bare_runs = [scoring.bare_forward_rate(backend, c.batch_size, batches=n_bare)]
     print(
-        f"device {device}, batch {c.batch_size}, image size {backend.image_size}, precision {backend.dtype}, "
-        f"{c.loader_workers} loader worker(s)"
+        f"device {device}, batch {c.batch_size}, image size {backend.image_size}, precision {backend.dtype}"
     )
     small, large = (int(x) for x in args.shards.split(","))
     work = tempfile.mkdtemp(prefix="mofi-bench-score-")
@@ -175,31 +176,34 @@ def main() -> int:
             ]
             if args.devices:
                 cmd += ["--devices", args.devices]
-            cmd += ["--loader-workers", str(c.loader_workers)]
+            cmd += ["--decode", c.decode, "--loader-workers", str(c.loader_workers)]
             out_path = os.path.join(work, f"out{n}.txt")
             with open(out_path, "w") as out:
-                r = run_and_sample(cmd, stdout=out, stderr=out)
+                r = run_and_sample(cmd, pss_interval=2.0, stdout=out, stderr=out)
             text = open(out_path).read()
             if r["rc"] != 0:
                 print(text[-3000:])
                 return 1
             res = json.loads(text.split("score: ", 1)[1].splitlines()[0])
+            bare_runs.append(scoring.bare_forward_rate(backend, c.batch_size, batches=n_bare))
+            res["bare"] = (bare_runs[-2] + bare_runs[-1]) / 2
             results[n] = {**r, **res}
             print(
                 f"{n:>3} shards: {res['images']:6d} images, {res['images_per_s_steady']:8.1f} images/s end to end, decode included "
                 f"({res['images_per_s']:.1f} counting worker start-up), "
                 f"entities {res['entities']} / text passes {res['entities_embedded']}, worker peak RSS {res['worker_peak_rss_bytes'] / GIB:.2f} GiB, "
                 f"tree PSS {r['peak_total_rss'] / GIB:.2f} GiB; "
-                f"model {res['model_seconds']:.1f}s, waiting for decoded batches {res['loader_wait_seconds']:.1f}s"
+                f"decode in {' '.join(res['decode'])}; model {res['model_seconds']:.1f}s, waiting for decoded batches {res['loader_wait_seconds']:.1f}s; "
+                f"bare forward around this run {res['bare']:.1f} images/s"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    bare_runs.append(scoring.bare_forward_rate(backend, c.batch_size, batches=n_bare))
-    bare = sum(bare_runs) / 2
-    print(
-        f"bare forward on preloaded tensors: {bare:9.1f} images/s (before {bare_runs[0]:.1f}, after {bare_runs[1]:.1f})"
-    )
     big = results[large]
+    bare = big["bare"]
+    print(
+        f"bare forward on preloaded tensors: {bare:9.1f} images/s around the {large}-shard run "
+        f"(all measurements: {', '.join(f'{b:.1f}' for b in bare_runs)})"
+    )
     ratio = big["images_per_s_steady"] / bare
     # the scoring worker's own peak (VmHWM, reported by the worker process itself)
     mem = results[large]["worker_peak_rss_bytes"] / results[small]["worker_peak_rss_bytes"]

@@ -283,3 +283,76 @@ def test_stage_errors_are_clear(built, tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="scorer-bootstrap"):
         scoring.build_backend(built["config"].score, str(tmp_path / "norun"), torch.device("cpu"))
+
+
+def _stream_items(built, shard_ids, threads, batch_size=3):
+    shards = [
+        (
+            s,
+            os.path.join(built["raw"], f"{s}.tar"),
+            os.path.join(built["run"], "ner", f"{s}.parquet"),
+        )
+        for s in shard_ids
+    ]
+    return list(scoring.ShardStream(shards, 32, batch_size, 40_000_000, decode_threads=threads))
+
+
+def test_decode_threads_give_the_same_batches_as_one_decoder(built):
+    """Bad images in the middle of a shard: batches stay full (but a shard's last) and in tar order."""
+    one = _stream_items(built, ["00010", "00000"], threads=1)
+    three = _stream_items(built, ["00010", "00000"], threads=3)
+    assert [i[:3] for i in one] == [i[:3] for i in three]
+    assert len(one) == len(three)
+    for a, b in zip(one, three, strict=True):
+        if a[0] == "batch":
+            assert a[3].shape[1:] == (3, 32, 32) and a[3].dtype == b[3].dtype
+            assert a[3].equal(b[3])
+    batches = [i for i in one if i[0] == "batch" and i[1] == "00010"]
+    keys = [k for b in batches for k in b[2]]
+    assert keys == sorted(keys) and all(len(b[2]) == 3 for b in batches[:-1])
+    ends = {i[1]: i[2] for i in one if i[0] == "end"}
+    assert ends["00010"]["drops"]["image_empty"] == 1
+    assert "000100001" not in keys and "000100000" in keys
+
+
+def test_decode_modes_score_identically(built, tmp_path):
+    """Threads in the worker and loader processes: the same scores, byte for byte."""
+    outs = {}
+    for mode, workers in (("threads", 3), ("processes", 2)):
+        run = tmp_path / mode
+        shutil.copytree(os.path.join(built["run"], "ner"), run / "ner")
+        c = built["config"].score.replace(
+            decode=mode,
+            loader_workers=workers,
+            batch_size=4,
+            model=scoring.default_packaged_checkpoint(built["run"]),
+        )
+        res = scoring.run_score(c, built["raw"], str(run), built["kb"], progress=False)
+        assert res["decode"] == [f"{workers} {mode}"] and not res["failed"]
+        outs[mode] = {
+            f: open(run / "score" / f, "rb").read()
+            for f in os.listdir(run / "score")
+            if f.endswith(".parquet") and not f.startswith("_")
+        }
+    assert outs["threads"] == outs["processes"] and len(outs["threads"]) >= 5
+
+
+def test_decode_plan_follows_the_device():
+    import torch
+
+    c = scoring.ScoreConfig()
+    assert scoring.decode_plan(c, torch.device("cpu"), 2, 1) == ("threads", 2)
+    n = os.cpu_count() or 1
+    assert scoring.decode_plan(c, torch.device("cuda", 0), 2, 1) == ("processes", max(1, n - 1))
+    assert scoring.decode_plan(c.replace(loader_workers=5), torch.device("cpu"), 2, 1) == (
+        "threads",
+        5,
+    )
+    assert scoring.decode_plan(c.replace(decode="processes"), torch.device("cpu"), n, 1) == (
+        "processes",
+        1,
+    )
+    from training.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decode"):
+        scoring.ScoreConfig(decode="gpu")

@@ -185,7 +185,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         if v is not None
     }
     c = c.replace(**changes)
-    res = scoring.run_score(c, args.raw, args.run, args.kb, progress=not args.no_progress)
+    res = scoring.run_score(
+        c,
+        args.raw,
+        args.run,
+        args.kb,
+        progress=not args.no_progress,
+        reference_every=args.reference_every,
+    )
     _print_result("score", res)
     return 1 if res.get("failed") else 0
 
@@ -445,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="decode processes or threads per scoring worker (0: auto)",
+    )
+    s.add_argument(
+        "--reference-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after every N batches also time a forward pass on a preloaded batch, and report end to end / bare forward (costs 1/N more model time)",
     )
     s.set_defaults(fn=cmd_score)
 

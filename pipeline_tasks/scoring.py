@@ -73,6 +73,11 @@ class ScoreConfig(cfg.StageConfig):
         "decode processes or threads per scoring worker; 0: auto (processes: the worker's share "
         "of the host's cores minus the model's threads; threads: the model's thread count)",
     )
+    decode_phase_images: int = cfg.field(
+        256,
+        "decode=threads: images decoded before the model runs again (rounded up to whole "
+        "batches); longer phases amortise the pool's ramp-up and the model's restart",
+    )
     devices: str = cfg.field(
         "auto", "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1"
     )
@@ -102,6 +107,7 @@ class ScoreConfig(cfg.StageConfig):
         self._check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
         self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._check(self.loader_workers >= 0, "loader_workers", "must be >= 0")
+        self._check(self.decode_phase_images >= 1, "decode_phase_images", "must be >= 1")
         self._check(
             self.decode in ("auto", "processes", "threads"),
             "decode",
@@ -361,9 +367,10 @@ class ShardStream(IterableDataset):
     In loader processes (``decode=processes``) each process takes whole shards
     (``shards[worker::workers]``), so reading a tar is sequential and decoding overlaps the
     model's compute in the parent. Iterated in the worker itself (``decode=threads``), the tar
-    is read in order and each batch's images are decoded by ``decode_threads`` threads (PIL
-    releases the GIL while it decodes and resizes). Either way a shard's batches hold the same
-    images in the same order.
+    is read in order, each image is handed to one of ``decode_threads`` threads as it is read
+    (PIL releases the GIL while it decodes and resizes), and ``phase_batches`` batches are
+    decoded before the first is yielded: longer phases amortise the pool's ramp-up and the
+    model's restart. Either way a shard's batches hold the same images in the same order.
     """
 
     def __init__(
@@ -373,12 +380,14 @@ class ShardStream(IterableDataset):
         batch_size: int,
         max_pixels: int,
         decode_threads: int = 1,
+        phase_batches: int = 1,
     ):
         self.shards = shards  # (shard id, tar uri, mentions uri)
         self.image_size = image_size
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.decode_threads = decode_threads
+        self.phase_batches = phase_batches  # batches decoded before the first of them is yielded
 
     def _decode(self, data: bytes | None):
         """(uint8 HWC array, None) or (None, drop reason). No torch here: a torch op in a
@@ -452,9 +461,9 @@ class ShardStream(IterableDataset):
                     continue
                 seen.add(base)
                 todo.append((base, decode(raw_mod.image_bytes(group))))
-                if len(keys) + len(todo) == self.batch_size:
+                if len(keys) + len(todo) == self.batch_size * self.phase_batches:
                     decode_todo()
-                    if len(keys) == self.batch_size:
+                    while len(keys) >= self.batch_size:
                         yield batch(self.batch_size)
             decode_todo()
             while keys:
@@ -496,7 +505,10 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     if mode == "threads":
         # Decode and forward take turns on the same cores: a decoder running beside the
         # model would hold a core that one of the model's threads waits for at every op.
-        stream = ShardStream(mine, backend.image_size, c.batch_size, c.max_pixels, n_decode)
+        phase = max(1, -(-c.decode_phase_images // c.batch_size))
+        stream = ShardStream(
+            mine, backend.image_size, c.batch_size, c.max_pixels, n_decode, phase_batches=phase
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=0)
     else:
         n_decode = min(n_decode, len(mine))
@@ -508,6 +520,10 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     buffers: dict[str, list[tuple[str, str, float]]] = {}
     started: dict[str, float] = {}
     t_img, n_img = 0.0, 0
+    # the bare forward, interleaved with the real batches, so both see the same machine
+    ref_every = int(spec.get("reference_every") or 0)
+    ref_x = reference_batch(backend, c.batch_size) if ref_every else None
+    t_ref, n_ref, n_batches = 0.0, 0, 0
     t_loop = time.perf_counter()
     t_first = None
     t_wait = 0.0  # blocked on the loader: the data path is the bottleneck when this dominates
@@ -540,6 +556,12 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
             buffers.setdefault(sid, []).extend(
                 (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
             )
+            n_batches += 1
+            if ref_every and n_batches % ref_every == 0:
+                t0 = time.perf_counter()
+                backend.encode_images(ref_x, on_device=True).sum().item()  # .item(): synced
+                t_ref += time.perf_counter() - t0
+                n_ref += c.batch_size
         elif kind == "end":
             st = markers.ShardStats.from_dict(item[2])
             rows = sorted(buffers.pop(sid, []))
@@ -574,8 +596,10 @@ def _score_worker(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         "images": n_img,
         "model_s": t_img,
         "loop_s": time.perf_counter() - t_loop,
-        "steady_s": time.perf_counter() - (t_first or time.perf_counter()),
+        "steady_s": time.perf_counter() - (t_first or time.perf_counter()) - t_ref,
         "wait_s": t_wait,
+        "reference_s": t_ref,
+        "reference_images": n_ref,
         "decode": f"{n_decode} {mode}",
     }
 
@@ -610,14 +634,25 @@ def resolve_devices(spec: str) -> list[str]:
 
 
 def run_score(
-    c: ScoreConfig, raw_uri: str, run_uri: str, kb_uri: str, progress: bool = True
+    c: ScoreConfig,
+    raw_uri: str,
+    run_uri: str,
+    kb_uri: str,
+    progress: bool = True,
+    reference_every: int = 0,
 ) -> dict[str, Any]:
+    """Scores every pending shard. ``reference_every`` > 0: after every that many batches each
+    worker also times one forward pass on a preloaded batch, and the result reports the
+    bare forward rate and end to end / bare (what fraction of the model's speed the data
+    path delivers), both measured in the same minutes on the same machine."""
     from tqdm import tqdm
 
     from training.core.device import pick_device
 
     from .kb import load_kb
 
+    if reference_every < 0:
+        raise cfg.ConfigError(f"reference_every = {reference_every}: must be >= 0")
     shards, problems = raw_mod.discover(raw_uri)
     ner_dir = storage.join(run_uri, "ner")
     ner_store = markers.MarkerStore(ner_dir, "ner")
@@ -684,6 +719,7 @@ def run_score(
         "entity_embeddings": local_emb,
         "devices": devices,
         "shards": [[s.shard, s.tar, storage.join(ner_dir, f"{s.shard}.parquet")] for s in todo],
+        "reference_every": reference_every,
     }
     storage.clean_temp(out)
     t1 = time.time()
@@ -735,6 +771,10 @@ def run_score(
         devices=devices[:world],
         decode=sorted({r["decode"] for r in reports}),
     )
+    if any(r["reference_s"] for r in reports):
+        bare = sum(r["reference_images"] / r["reference_s"] for r in reports if r["reference_s"])
+        result["bare_forward_images_per_s"] = round(bare, 1)
+        result["end_to_end_over_bare"] = round(result["images_per_s_steady"] / bare, 3)
     recs = store.read_all()
     result["failed"] = {
         s.shard: recs[s.shard].get("error")
@@ -746,13 +786,18 @@ def run_score(
 
 def bare_forward_rate(backend: ScorerBackend, batch_size: int, batches: int = 5) -> float:
     """Images/s of the model alone on preloaded uint8 tensors (the benchmark's reference)."""
-    import torch
-
-    x = torch.randint(
-        0, 256, (batch_size, 3, backend.image_size, backend.image_size), dtype=torch.uint8
-    )
+    x = reference_batch(backend, batch_size)
     backend.encode_images(x)
     t0 = time.perf_counter()
     for _ in range(batches):
         backend.encode_images(x)
     return batch_size * batches / (time.perf_counter() - t0)
+
+
+def reference_batch(backend: ScorerBackend, batch_size: int):
+    """A preloaded uint8 batch of the model's input shape (random pixels, fixed seed)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    size = (batch_size, 3, backend.image_size, backend.image_size)
+    return torch.randint(0, 256, size, dtype=torch.uint8, generator=g)

@@ -271,6 +271,10 @@ def test_stage_errors_are_clear(built, tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="run `mofi ner` first"):
         scoring.run_score(built["config"].score, built["raw"], str(tmp_path / "r2"), built["kb"])
+    with pytest.raises(ConfigError, match="reference_every"):
+        scoring.run_score(
+            built["config"].score, built["raw"], built["run"], built["kb"], reference_every=-1
+        )
     with pytest.raises(FileNotFoundError, match="run `mofi score` first"):
         vocab.run_vocab(built["config"].vocab, str(tmp_path / "r3"), built["kb"])
     with pytest.raises(ConfigError, match="another vocab config"):
@@ -316,9 +320,10 @@ def test_decode_threads_give_the_same_batches_as_one_decoder(built):
 
 
 def test_decode_modes_score_identically(built, tmp_path):
-    """Threads in the worker and loader processes: the same scores, byte for byte."""
+    """Threads in the worker and loader processes: the same scores, byte for byte; the
+    interleaved reference forwards (threads run) change nothing but the report."""
     outs = {}
-    for mode, workers in (("threads", 3), ("processes", 2)):
+    for mode, workers, ref in (("threads", 3, 1), ("processes", 2, 0)):
         run = tmp_path / mode
         shutil.copytree(os.path.join(built["run"], "ner"), run / "ner")
         c = built["config"].score.replace(
@@ -327,8 +332,14 @@ def test_decode_modes_score_identically(built, tmp_path):
             batch_size=4,
             model=scoring.default_packaged_checkpoint(built["run"]),
         )
-        res = scoring.run_score(c, built["raw"], str(run), built["kb"], progress=False)
+        res = scoring.run_score(
+            c, built["raw"], str(run), built["kb"], progress=False, reference_every=ref
+        )
         assert res["decode"] == [f"{workers} {mode}"] and not res["failed"]
+        if ref:
+            assert res["bare_forward_images_per_s"] > 0 and 0 < res["end_to_end_over_bare"]
+        else:
+            assert "end_to_end_over_bare" not in res
         outs[mode] = {
             f: open(run / "score" / f, "rb").read()
             for f in os.listdir(run / "score")

@@ -289,7 +289,7 @@ def test_stage_errors_are_clear(built, tmp_path):
         scoring.build_backend(built["config"].score, str(tmp_path / "norun"), torch.device("cpu"))
 
 
-def _stream_items(built, shard_ids, threads, batch_size=3):
+def _stream_items(built, shard_ids, threads, batch_size=3, phase_batches=1):
     shards = [
         (
             s,
@@ -298,13 +298,17 @@ def _stream_items(built, shard_ids, threads, batch_size=3):
         )
         for s in shard_ids
     ]
-    return list(scoring.ShardStream(shards, 32, batch_size, 40_000_000, decode_threads=threads))
+    stream = scoring.ShardStream(
+        shards, 32, batch_size, 40_000_000, decode_threads=threads, phase_batches=phase_batches
+    )
+    return list(stream)
 
 
 def test_decode_threads_give_the_same_batches_as_one_decoder(built):
-    """Bad images in the middle of a shard: batches stay full (but a shard's last) and in tar order."""
+    """Bad images in the middle of a shard: batches stay full (but a shard's last) and in tar
+    order, with one decoder, and with three threads decoding two batches per phase."""
     one = _stream_items(built, ["00010", "00000"], threads=1)
-    three = _stream_items(built, ["00010", "00000"], threads=3)
+    three = _stream_items(built, ["00010", "00000"], threads=3, phase_batches=2)
     assert [i[:3] for i in one] == [i[:3] for i in three]
     assert len(one) == len(three)
     for a, b in zip(one, three, strict=True):

@@ -31,7 +31,7 @@ from PIL import Image
 
 from training.core import storage
 from training.core.config import ConfigError
-from training.transforms import OPENAI_MEAN, OPENAI_STD, preprocess, to_uint8_tensor
+from training.transforms import OPENAI_MEAN, OPENAI_STD, as_rgb, preprocess, to_uint8_tensor
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -106,7 +106,7 @@ class Preprocess:
     std: tuple[float, ...]
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
-        im = im.convert("RGB")
+        im = as_rgb(im)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         if self.kind == "model":

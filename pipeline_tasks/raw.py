@@ -122,6 +122,8 @@ def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = N
     """(PIL RGB image, None) or (None, drop reason). Checks the header before decoding."""
     from PIL import Image, UnidentifiedImageError
 
+    from training.transforms import as_rgb
+
     if data is None:
         return None, "image_missing"
     if len(data) == 0:
@@ -137,9 +139,7 @@ def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = N
             # decode at a reduced DCT scale when the image is far larger than needed
             im.draft("RGB", (draft_size, draft_size))
         im.load()
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return im, None
+        return as_rgb(im), None
     except Image.DecompressionBombError:
         return None, "image_too_large"
     except UnidentifiedImageError:

@@ -49,7 +49,7 @@ from PIL import Image
 
 from .core import storage
 from .core.config import ConfigError
-from .transforms import resize_center_crop, to_uint8_tensor
+from .transforms import as_rgb, resize_center_crop, to_uint8_tensor
 
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is a counted skip, not an OOM
@@ -203,7 +203,7 @@ def decode_train_image(data: bytes, size: int, flip: bool) -> torch.Tensor:
     """Shorter side to ``size``, centre crop, optional horizontal flip; uint8 CHW."""
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (size, size))  # JPEG DCT scaling: decode big images at a fraction of the cost
-    im = resize_center_crop(im.convert("RGB"), size, Image.BILINEAR)
+    im = resize_center_crop(as_rgb(im), size, Image.BILINEAR)
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return to_uint8_tensor(im)

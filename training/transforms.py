@@ -25,9 +25,14 @@ def resize_center_crop(im: Image.Image, size: int, resample=Image.BICUBIC) -> Im
     return im.crop((left, top, left + size, top + size))
 
 
+def as_rgb(im: Image.Image) -> Image.Image:
+    """``im`` in RGB mode; an RGB image is returned as is (``convert`` would copy it)."""
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def to_uint8_hwc(im: Image.Image) -> np.ndarray:
-    """The RGB pixels as a read-only HWC uint8 array (converted only when not RGB already)."""
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    """The RGB pixels as a read-only HWC uint8 array."""
+    return np.asarray(as_rgb(im), dtype=np.uint8)
 
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:

@@ -120,6 +120,10 @@ def main() -> int:
         help="write stand-in ner output from the corpus truth first (hosts without spaCy/Spark)",
     )
     args = ap.parse_args()
+    if args.reference_every < 1:
+        ap.error(
+            "--reference-every must be >= 1: the ratio uses the worker's interleaved reference"
+        )
     if args.mentions_from_truth:
         synthesize_mentions(args.raw, args.mentions_from_truth, args.run)
     import torch

@@ -85,8 +85,7 @@ def test_checkpoint_loads_for_evaluation(full_run):
         backend="mofi", model=os.path.join(full_run["out"], "model.pt")
     )
     backend = scoring.build_backend(c, full_run["out"], torch.device("cpu"))
-    x = torch.randint(0, 256, (2, 3, backend.image_size, backend.image_size), dtype=torch.uint8)
-    assert backend.encode_images(x).shape == (2, 32)
+    assert backend.encode_images(scoring.reference_batch(backend, 2)).shape == (2, 32)
     assert backend.encode_texts(["thing 1, a round colour 1"]).shape == (1, 32)
 
 

@@ -42,6 +42,18 @@ I2E_ASSET = Asset("mofi_i2e")
             enum=["cpu_test", "demo", "production"],
             description="named config (mofi config list)",
         ),
+        "score_model": Param(
+            "",
+            type="string",
+            description="scorer override: open_clip ARCH[:TAG_OR_PATH] or a checkpoint URI (empty: the config's)",
+        ),
+        "threshold": Param(
+            None,
+            type=["null", "number"],
+            minimum=-1,
+            maximum=1,
+            description="vocab similarity threshold override (empty: the config's)",
+        ),
     },
     doc_md=__doc__,
 )
@@ -55,15 +67,18 @@ def mofi_build_i2e():
     @task.bash
     def score() -> str:
         # the packaged scorer is bootstrapped once per version when no checkpoint exists
-        boot = f"test -e {RUN}/scorer/packaged.pt || {MOFI} scorer-bootstrap --raw {{{{ params.raw }}}} --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
-        run = (
+        model = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
+        return (
             f"{MOFI} score --raw {{{{ params.raw }}}} --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
+            f" --bootstrap-if-missing{model}"
         )
-        return f"{{% if params.config != 'production' %}}{boot} && {{% endif %}}{run}"
 
     @task.bash
     def vocab() -> str:
-        return f"{MOFI} vocab --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
+        threshold = (
+            "{% if params.threshold is not none %} --threshold {{ params.threshold }}{% endif %}"
+        )
+        return f"{MOFI} vocab --kb {{{{ params.kb }}}} --run {RUN} {COMMON}{threshold}"
 
     @task.bash
     def write() -> str:

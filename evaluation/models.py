@@ -13,7 +13,6 @@ MODEL is one of:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import torch
@@ -36,27 +35,19 @@ class EvalModel:
     info: dict[str, Any]
 
 
-def _fingerprint(uri: str) -> str:
-    h = hashlib.sha1()
-    with storage.open_read(uri) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def _from_checkpoint(uri: str, device: torch.device) -> EvalModel:
     from training.model import DualEncoder, DualEncoderConfig, load_checkpoint, load_dual_encoder
 
     payload = load_checkpoint(uri)
     kind = payload["kind"]
-    info: dict[str, Any] = {"checkpoint": uri, "sha1": _fingerprint(uri)}
+    info: dict[str, Any] = {"checkpoint": uri, "sha1": storage.fingerprint(uri)}
     extra = payload.get("extra", {})
     if kind == "dual_encoder":
         model = load_dual_encoder(uri)
         info["i2e_version"] = extra.get("i2e_version", "")
         info["trained_steps"] = extra.get("trained_steps", 0)
     elif kind == "mofi_train_state":
-        from training.train import TrainConfig
+        from training.config import TrainConfig
 
         tc = TrainConfig.from_dict(payload["config"])
         model = DualEncoder(DualEncoderConfig.from_dict(tc.model.to_dict()))
@@ -96,39 +87,27 @@ def _from_checkpoint(uri: str, device: torch.device) -> EvalModel:
 
 
 def _from_open_clip(spec: str, device: torch.device) -> EvalModel:
-    from training.core.compat import import_open_clip
-    from training.towers import register_project_model_configs
+    from training.openclip import load_open_clip
 
-    open_clip = import_open_clip()
-    register_project_model_configs()
-    arch, _, pretrained = spec.partition(":")
-    if arch not in open_clip.list_models():
-        raise ConfigError(f"open_clip has no architecture {arch!r}")
-    try:
-        model = open_clip.create_model(arch, pretrained=pretrained or None)
-    except Exception as exc:  # hub unreachable, wrong file
-        raise ConfigError(f"cannot load open_clip {spec!r}: {exc}") from exc
-    model.eval().to(device)
-    tokenizer = open_clip.get_tokenizer(arch)
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
+    oc = load_open_clip(spec, init_seed=0)
+    model = oc.model.eval().to(device)
 
     def enc_img(x):
         return F.normalize(model.encode_image(x).float(), dim=-1)
 
     def enc_txt(texts):
-        return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+        return F.normalize(model.encode_text(oc.tokenizer(texts).to(device)).float(), dim=-1)
 
     return EvalModel(
         name=f"open_clip:{spec}",
         kind="open_clip",
         net=model,
-        image_size=size,
-        mean=tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
-        std=tuple(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        image_size=oc.image_size,
+        mean=oc.mean,
+        std=oc.std,
         encode_image=enc_img,
         encode_text=enc_txt,
-        info={"pretrained": pretrained or "random init"},
+        info={"pretrained": oc.pretrained or "random init", "fingerprint": oc.fingerprint()},
     )
 
 

@@ -37,6 +37,9 @@ from training.core import config as cfg
 from training.core import storage
 
 from . import raw as raw_mod
+from .entity_text import DEFAULT_PROMPTS, entity_texts, kb_text_rows
+from .ner import planned_raw_shards, read_candidates
+from .runtime.layout import NER, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,9 @@ class _PairStream(IterableDataset):
         import torch
         from torch.utils.data import get_worker_info
 
-        from training.core import markers
         from training.transforms import preprocess
+
+        from .runtime import markers
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -134,23 +138,19 @@ def _entity_targets(
     run_uri: str, kb_uri: str, keys: list[str]
 ) -> tuple[list[str], dict[int, list[int]]]:
     """Candidate entities (sorted) and image row -> candidate columns, from the ner output."""
-    from training.core import markers
-
-    from .scoring import read_candidates
-
-    ner_dir = storage.join(run_uri, "ner")
-    store = markers.MarkerStore(ner_dir, "ner")
+    layout = RunLayout(run_uri)
+    store = layout.store(NER)
     plan = store.read_plan()
     if not plan:
         raise FileNotFoundError(
-            f"objective 'entity' needs ner output under {ner_dir}: run `mofi ner` first (or use --objective caption)"
+            f"objective 'entity' needs ner output under {layout.stage_dir(NER)}: run `mofi ner` first (or use --objective caption)"
         )
     row_of = {k: i for i, k in enumerate(keys)}
     cands: dict[int, list[str]] = {}
     for sid in plan["shards"]:
         if not store.is_done(sid):
             continue
-        for key, eids in read_candidates(storage.join(ner_dir, f"{sid}.parquet")).items():
+        for key, eids in read_candidates(layout.output(NER, sid)).items():
             if key in row_of:
                 cands[row_of[key]] = eids
     entities = sorted({e for v in cands.values() for e in v})
@@ -175,12 +175,12 @@ def bootstrap_scorer(
     from training.model import DualEncoder, DualEncoderConfig, checkpoint_state, save_checkpoint
     from training.transforms import normalize
 
-    from .kb import load_kb
-    from .scoring import ScoreConfig, entity_texts
-
     if c.objective == "entity" and not (run_uri and kb_uri):
         raise cfg.ConfigError("objective 'entity' needs --run (with ner output) and --kb")
-    shards, _ = raw_mod.discover(raw_uri)
+    if c.objective == "entity":
+        shards, _ = planned_raw_shards(RunLayout(run_uri), raw_uri)
+    else:
+        shards, _ = raw_mod.discover(raw_uri)
     if not shards:
         raise FileNotFoundError(f"no complete raw shards under {raw_uri}")
     torch.manual_seed(c.seed)
@@ -221,11 +221,8 @@ def bootstrap_scorer(
         entities, cand = _entity_targets(run_uri, kb_uri, keys)
         if not entities:
             raise FileNotFoundError(f"no linked mentions for the raw images under {run_uri}/ner")
-        kb_rows = {
-            r["entity_id"]: r
-            for r in load_kb(kb_uri).select(["entity_id", "name", "description"]).to_pylist()
-        }
-        prompts = ScoreConfig().prompts
+        kb_rows = kb_text_rows(kb_uri)
+        prompts = DEFAULT_PROMPTS
         flat = [p for t in entity_texts(kb_rows, entities, prompts) for p in t]
         with torch.no_grad():
             fe = torch.cat(

@@ -1,8 +1,9 @@
 """`mofi build-i2e`: every I2E stage in order, without Airflow, resumable.
 
-ner -> (scorer-bootstrap, for the packaged scorer when its checkpoint is missing) -> score ->
-vocab -> write. Each stage skips the shards whose done marker exists, so a killed build
-re-run with the same arguments picks up where it stopped and produces the same bytes.
+ner -> (scorer-bootstrap, when ``scoring.needs_bootstrap``) -> score -> vocab -> write. Each
+stage skips the shards whose done marker exists, so a killed build re-run with the same
+arguments picks up where it stopped and produces the same bytes. A stage that leaves failed
+shards stops the build (``StageFailed``); its markers say which and why.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import logging
 import time
 from typing import Any
 
-from training.core import storage
-
-from . import bootstrap, ner, scoring, vocab, write
+from . import ner, scoring, vocab, write
 from .recipes import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -29,35 +28,28 @@ def build_i2e(
         if progress:
             print(f"== {name}", flush=True)
         res = fn(*args, **kw)
-        res = res if isinstance(res, dict) else {}
+        if res is None:
+            return None
+        if hasattr(res, "raise_if_failed"):
+            res.raise_if_failed()
+            res = res.to_dict()
         res["stage_seconds"] = round(time.time() - t0, 1)
         out[name] = res
         return res
 
-    res = step("ner", ner.run_ner, p.ner, raw_uri, kb_uri, run_uri, progress=progress)
-    if res["failed"]:
-        raise RuntimeError(
-            f"ner failed on {len(res['failed'])} shard(s): {dict(list(res['failed'].items())[:3])}"
+    step("ner", ner.run_ner, p.ner, raw_uri, kb_uri, run_uri, progress=progress)
+    if scoring.needs_bootstrap(p.score, run_uri):
+        step(
+            "scorer-bootstrap",
+            scoring.ensure_scorer,
+            p.score,
+            p.bootstrap,
+            raw_uri,
+            kb_uri,
+            run_uri,
+            progress=progress,
         )
-    sc = p.score
-    if sc.backend == "packaged" and not sc.model:
-        ckpt = scoring.default_packaged_checkpoint(run_uri)
-        if not storage.exists(ckpt):
-            step(
-                "scorer-bootstrap",
-                bootstrap.bootstrap_scorer,
-                p.bootstrap,
-                raw_uri,
-                ckpt,
-                run_uri,
-                kb_uri,
-                progress=progress,
-            )
-    res = step("score", scoring.run_score, sc, raw_uri, run_uri, kb_uri, progress=progress)
-    if res.get("failed"):
-        raise RuntimeError(
-            f"score failed on {len(res['failed'])} shard(s): {dict(list(res['failed'].items())[:3])}"
-        )
+    step("score", scoring.run_score, p.score, raw_uri, run_uri, kb_uri, progress=progress)
     step("vocab", vocab.run_vocab, p.vocab, run_uri, kb_uri, progress=progress)
     step("write", write.run_write, p.write, raw_uri, run_uri, i2e_uri, progress=progress)
     return out

@@ -29,7 +29,7 @@ def _setup_logging(verbose: int) -> None:
 
 def _train_config(args: argparse.Namespace):
     from training import recipes
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
     config = TrainConfig.load(args.config_file) if args.config_file else recipes.get(args.config)
     changes = {
@@ -89,9 +89,10 @@ def cmd_kb(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from pipeline_tasks import corpus, recipes
+    from pipeline_tasks.demo import corpus
+    from pipeline_tasks.demo import recipes as demo_recipes
 
-    config = recipes.get(args.config).corpus
+    config = demo_recipes.get(args.config)
     changes = {
         k: v
         for k, v in (
@@ -114,6 +115,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         truth_out=args.truth_out,
         progress=not args.no_progress,
     )
+    if result.failed:
+        _print_result("corpus", result)
+        return 1
     print(
         f"corpus: {result['samples']} pairs in {result['shards']} shards -> {args.out} "
         f"({time.time() - t0:.1f}s); eval images: {result['eval_images']} in {result['eval_classes']} classes -> {result['eval_dir']}; "
@@ -123,7 +127,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_stamps(args: argparse.Namespace) -> int:
-    from pipeline_tasks import stamps
+    from pipeline_tasks.demo import stamps
 
     path = stamps.ensure_stamps(args.dir)
     n = len(stamps.list_stamps(path))
@@ -137,10 +141,16 @@ def _bundle(args: argparse.Namespace):
     return recipes.get(args.config)
 
 
-def _print_result(name: str, res: dict) -> None:
-    import json as _json
+def _print_result(name: str, res) -> None:
+    d = res.to_dict() if hasattr(res, "to_dict") else res
+    print(f"{name}: " + json.dumps(d, sort_keys=True, default=str))
 
-    print(f"{name}: " + _json.dumps(res, sort_keys=True, default=str))
+
+def _shards(arg: str | None) -> list[str] | None:
+    """``--shards 00000,00003`` -> ids; None means every planned shard."""
+    if not arg:
+        return None
+    return [s.strip() for s in arg.split(",") if s.strip()]
 
 
 def cmd_ner(args: argparse.Namespace) -> int:
@@ -151,16 +161,17 @@ def cmd_ner(args: argparse.Namespace) -> int:
         c = c.replace(spark=c.spark.replace(master=args.master))
     res = ner.run_ner(c, args.raw, args.kb, args.run, progress=not args.no_progress)
     _print_result("ner", res)
-    return 1 if res["failed"] else 0
+    return 1 if res.failed else 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from pipeline_tasks import bootstrap, scoring
+    from pipeline_tasks import bootstrap
+    from pipeline_tasks.runtime.layout import RunLayout
 
     c = _bundle(args).bootstrap
     if args.objective:
         c = c.replace(objective=args.objective)
-    out = args.out or scoring.default_packaged_checkpoint(args.run)
+    out = args.out or RunLayout(args.run).scorer_checkpoint
     res = bootstrap.bootstrap_scorer(
         c, args.raw, out, args.run, args.kb, progress=not args.no_progress
     )
@@ -171,7 +182,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline_tasks import scoring
 
-    c = _bundle(args).score
+    p = _bundle(args)
+    c = p.score
     changes = {
         k: v
         for k, v in (
@@ -185,6 +197,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         if v is not None
     }
     c = c.replace(**changes)
+    if args.bootstrap_if_missing:
+        boot = scoring.ensure_scorer(
+            c, p.bootstrap, args.raw, args.kb, args.run, progress=not args.no_progress
+        )
+        if boot is not None:
+            _print_result("scorer-bootstrap", boot)
     res = scoring.run_score(
         c,
         args.raw,
@@ -192,9 +210,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         args.kb,
         progress=not args.no_progress,
         reference_every=args.reference_every,
+        only=_shards(args.shards),
+        prepare=args.prepare,
     )
     _print_result("score", res)
-    return 1 if res.get("failed") else 0
+    return 1 if res.failed else 0
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
@@ -212,7 +232,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     }
     res = vocab.run_vocab(c.replace(**changes), args.run, args.kb, progress=not args.no_progress)
     _print_result("vocab", res)
-    return 0
+    return 1 if res.failed else 0
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -221,17 +241,19 @@ def cmd_write(args: argparse.Namespace) -> int:
     c = _bundle(args).write
     if args.shard_size is not None:
         c = c.replace(shard_size=args.shard_size)
-    res = write.run_write(c, args.raw, args.run, args.out, progress=not args.no_progress)
+    res = write.run_write(
+        c, args.raw, args.run, args.out, progress=not args.no_progress, only=_shards(args.shards)
+    )
     _print_result("write", res)
-    return 0
+    return 1 if res.failed else 0
 
 
 def cmd_build_i2e(args: argparse.Namespace) -> int:
     from pipeline_tasks import build
-    from pipeline_tasks.corpus import sibling
+    from pipeline_tasks.runtime.layout import RunLayout
 
     p = _bundle(args)
-    run = args.run or sibling(args.out, "i2e_run")
+    run = args.run or RunLayout.beside(args.out).root
     t0 = time.time()
     res = build.build_i2e(p, args.raw, args.kb, run, args.out, progress=not args.no_progress)
     w = res["write"]
@@ -242,7 +264,7 @@ def cmd_build_i2e(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline_tasks import status
+    from pipeline_tasks.runtime import status
 
     while True:
         summaries = status.summarize_run(args.run)
@@ -324,35 +346,50 @@ def cmd_config(args: argparse.Namespace) -> int:
     from training import recipes as train_recipes
 
     if args.action == "list":
-        print("pipeline configs (mofi kb/corpus/ner/.../build-i2e --config NAME):")
+        print("pipeline configs (mofi kb/ner/score/.../build-i2e --config NAME):")
         for name, fn in recipes.RECIPES.items():
             print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
         print("training configs (mofi train --config NAME; show with train:NAME):")
         for name, fn in train_recipes.RECIPES.items():
             print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
+        from pipeline_tasks.demo import recipes as demo_recipes
+
+        print("demo corpus configs (mofi corpus --config NAME; show with corpus:NAME):")
+        for name, fn in demo_recipes.RECIPES.items():
+            print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
-    if args.name.startswith("train:"):
-        tc = train_recipes.get(args.name.split(":", 1)[1])
+    kind, _, name = args.name.rpartition(":")
+    if kind == "train":
+        one = train_recipes.get(name)
+    elif kind == "corpus":
+        from pipeline_tasks.demo import recipes as demo_recipes
+
+        one = demo_recipes.get(name)
+    elif kind:
+        raise ConfigError(f"unknown config kind {kind!r}: use NAME, train:NAME or corpus:NAME")
+    else:
+        one = None
+    if one is not None:
         if args.action == "show":
-            print(tc.to_json())
+            print(one.to_json())
             return 0
-        stages = [("train", tc)] + [
-            (f.name, getattr(tc, f.name))
-            for f in dataclasses.fields(tc)
-            if hasattr(getattr(tc, f.name), "describe")
+        stages = [(kind, one)] + [
+            (f.name, getattr(one, f.name))
+            for f in dataclasses.fields(one)
+            if hasattr(getattr(one, f.name), "describe")
         ]
     else:
-        bundle = recipes.get(args.name)
+        bundle = recipes.get(name)
         if args.action == "show":
             print(bundle.to_json())
             return 0
         stages = [(st.stage_name(), st) for st in bundle.stages()]
     for label, stage in stages:
         print(f"[{label}]  {(type(stage).__doc__ or '').strip().splitlines()[0]}")
-        for name, _default, doc in type(stage).describe():
-            value = getattr(stage, name)
+        for fname, _default, doc in type(stage).describe():
+            value = getattr(stage, fname)
             shown = "(see below)" if hasattr(value, "describe") else repr(value)
-            print(f"  {name:<24}{shown:<28}{doc}")
+            print(f"  {fname:<24}{shown:<28}{doc}")
     return 0
 
 
@@ -454,6 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode processes or threads per scoring worker (0: auto)",
     )
     s.add_argument(
+        "--bootstrap-if-missing",
+        action="store_true",
+        help="packaged backend: train the scorer (mofi scorer-bootstrap) first when RUN has none",
+    )
+    s.add_argument(
+        "--shards", default=None, help="only these planned shards (comma list; Airflow mapping)"
+    )
+    s.add_argument(
+        "--prepare",
+        action="store_true",
+        help="plan and embed the entity texts only (before mapped image tasks)",
+    )
+    s.add_argument(
         "--reference-every",
         type=int,
         default=0,
@@ -480,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples per output shard (0: keep input sharding)",
     )
+    s.add_argument("--shards", default=None, help="only these output shards (comma list)")
     s.set_defaults(fn=cmd_write)
 
     s = stage_parser("build-i2e", "all I2E stages in order (resumable)")

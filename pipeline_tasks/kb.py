@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.core import config as cfg
-from training.core import markers, storage
+from training.core import storage
+
+from .runtime import markers
 
 log = logging.getLogger(__name__)
 

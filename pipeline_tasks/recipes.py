@@ -1,4 +1,4 @@
-"""Named configs: small functions deriving from one base. ``mofi config list`` shows them."""
+"""Named pipeline configs: small functions deriving from one base. ``mofi config list`` shows them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Callable
 from training.core.config import ConfigError, StageConfig
 
 from .bootstrap import BootstrapConfig
-from .corpus import CorpusConfig
 from .kb import KBConfig
 from .ner import NerConfig
 from .scoring import ScoreConfig
@@ -19,11 +18,10 @@ from .write import WriteConfig
 
 @dataclasses.dataclass
 class PipelineConfig:
-    """One config per stage; later stages add their fields here."""
+    """One config per stage of the I2E build (the demo's corpus has its own configs)."""
 
     name: str
-    kb: KBConfig
-    corpus: CorpusConfig
+    kb: KBConfig = dataclasses.field(default_factory=KBConfig)
     ner: NerConfig = dataclasses.field(default_factory=NerConfig)
     bootstrap: BootstrapConfig = dataclasses.field(default_factory=BootstrapConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
@@ -46,7 +44,7 @@ class PipelineConfig:
 
 
 def base() -> PipelineConfig:
-    return PipelineConfig(name="base", kb=KBConfig(), corpus=CorpusConfig())
+    return PipelineConfig(name="base")
 
 
 def cpu_test() -> PipelineConfig:
@@ -56,9 +54,6 @@ def cpu_test() -> PipelineConfig:
         b,
         name="cpu_test",
         kb=b.kb.replace(sources=("vital", "countries"), max_summary_chars=200),
-        corpus=b.corpus.replace(
-            pairs=64, shard_size=16, workers=1, min_side=64, max_side=96, cache_max_side=128
-        ),
     )
 
 
@@ -68,7 +63,6 @@ def demo() -> PipelineConfig:
     return dataclasses.replace(
         b,
         name="demo",
-        corpus=b.corpus.replace(pairs=5000, shard_size=1000, workers=2),
         # batches of 32 on CPU: faster per image than 128 here, and activations stay under the
         # scoring worker's 64 MB heap threshold
         score=b.score.replace(batch_size=32),
@@ -78,20 +72,22 @@ def demo() -> PipelineConfig:
 
 
 def production() -> PipelineConfig:
-    """Example of a cluster-sized build: user KB table on S3, large shards, many workers."""
+    """A cluster-sized build: open_clip ViT-B-32 scoring on GPUs, large shards, many workers.
+
+    The scorer is ``ViT-B-32:laion2b_s34b_b79k`` from the hub; without hub access point
+    ``score.model`` at local weights (``mofi score --model ViT-B-32:/path/ckpt.pt``)."""
     b = base()
     return dataclasses.replace(
         b,
         name="production",
         kb=b.kb.replace(sources=("vital", "countries", "cities"), min_city_population=100_000),
-        corpus=b.corpus.replace(
-            pairs=1_000_000,
-            shard_size=10_000,
-            workers=16,
-            min_side=224,
-            max_side=512,
-            cache_max_side=512,
+        score=b.score.replace(
+            backend="open_clip", model="ViT-B-32:laion2b_s34b_b79k", batch_size=256
         ),
+        # open_clip cosine similarities of an image and an entity prompt sit on a lower scale
+        # than the packaged scorer's: see the README's filter section
+        vocab=b.vocab.replace(threshold=0.25, top_k=3),
+        write=b.write.replace(shard_size=10_000, workers=8),
     )
 
 

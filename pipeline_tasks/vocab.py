@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import time
 
 import pyarrow as pa
 
 from training.core import config as cfg
-from training.core import markers, storage
+from training.core import storage
+from training.core.i2e import VOCAB_FILE
 
-from .ner import SparkConfig, run_spark_job
+from .runtime.executor import StageResult
+from .runtime.layout import LABELS, SCORE, VOCAB, RunLayout
+from .runtime.spark import SparkConfig, run_spark_job
 
-STAGE = "vocab"
-LABELS_STAGE = "labels"
+STAGE = VOCAB
+LABELS_STAGE = LABELS
 JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spark_jobs", "vocab_job.py")
 VOCAB_SCHEMA = pa.schema(
     [
@@ -71,27 +74,26 @@ class VocabConfig(cfg.StageConfig):
         self._check(self.min_count >= 1, "min_count", "must be >= 1")
 
 
-def run_vocab(
-    config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = True
-) -> dict[str, Any]:
+def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = True) -> StageResult:
     from .kb import load_kb
 
     load_kb(kb_uri)
-    score_dir = storage.join(run_uri, "score")
-    score_store = markers.MarkerStore(score_dir, "score")
+    layout = RunLayout(run_uri)
+    score_store = layout.store(SCORE)
     plan = score_store.read_plan()
     if not plan:
-        raise FileNotFoundError(f"no score stage under {score_dir}: run `mofi score` first")
+        raise FileNotFoundError(
+            f"no score stage under {layout.stage_dir(SCORE)}: run `mofi score` first"
+        )
     done = [s for s in plan["shards"] if score_store.is_done(s)]
     pending = [s for s in plan["shards"] if s not in done]
     if pending:
         raise FileNotFoundError(
             f"score is not finished ({len(pending)} of {len(plan['shards'])} shards pending, e.g. {pending[:3]}): finish `mofi score` first"
         )
-    vocab_dir = storage.join(run_uri, STAGE)
-    labels_dir = storage.join(run_uri, LABELS_STAGE)
-    vstore = markers.MarkerStore(vocab_dir, STAGE)
-    lstore = markers.MarkerStore(labels_dir, LABELS_STAGE)
+    vocab_dir, labels_dir = layout.stage_dir(STAGE), layout.stage_dir(LABELS_STAGE)
+    vstore, lstore = layout.store(STAGE), layout.store(LABELS_STAGE)
+    result = StageResult(stage=STAGE, out=vocab_dir, shards=len(done))
     fingerprint = config.to_json()
     saved = storage.join(vocab_dir, "vocab.config.json")
     if (
@@ -103,35 +105,41 @@ def run_vocab(
             f"{vocab_dir} was built with another vocab config; use a new run URI or delete {vocab_dir} and {labels_dir}"
         )
     if vstore.is_done("00000") and all(lstore.is_done(s) for s in done):
-        return {
-            "skipped": True,
-            "vocab": storage.join(vocab_dir, "vocab.parquet"),
-            **(vstore.read_done("00000").extra or {}),
-        }
+        result.extra.update(
+            skipped=True, vocab=layout.vocab_file, **(vstore.read_done("00000").extra or {})
+        )
+        return result
     vstore.write_plan(["00000"])
     lstore.write_plan(done)
     config.save(vocab_dir)
     spec = {
-        "score_files": [[s, storage.join(score_dir, f"{s}.parquet")] for s in done],
+        "score_files": [[s, layout.output(SCORE, s)] for s in done],
         "kb_uri": kb_uri,
-        "vocab_uri": vocab_dir,
-        "labels_uri": labels_dir,
+        "run_uri": run_uri,
         "config": config.to_dict(),
     }
+    t0 = time.time()
     run_spark_job(JOB_SCRIPT, spec, config.spark, STAGE, lstore, len(done), progress)
+    result.processed = len(done)
+    result.seconds = round(time.time() - t0, 2)
     st = vstore.read_done("00000")
     if st is None:
         recs = vstore.read_all()
         raise RuntimeError(
             f"vocab job finished without a vocabulary: {recs.get('00000', {}).get('error', 'no marker')}"
         )
-    return {"skipped": False, "vocab": storage.join(vocab_dir, "vocab.parquet"), **st.extra}
+    lrecs = lstore.read_all()
+    for s in done:
+        if lrecs.get(s, {}).get("state") != "done":
+            result.failed[s] = lrecs.get(s, {}).get("error") or "not finished"
+    result.extra.update(skipped=False, vocab=layout.vocab_file, **st.extra)
+    return result
 
 
 def load_vocab(uri: str) -> pa.Table:
     import pyarrow.parquet as pq
 
-    path = uri if uri.endswith(".parquet") else storage.join(uri, "vocab.parquet")
+    path = uri if uri.endswith(".parquet") else storage.join(uri, VOCAB_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"no vocabulary at {path}: run `mofi vocab` first")
     with storage.open_read(path) as f:

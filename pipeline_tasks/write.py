@@ -16,22 +16,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import tarfile
-import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.core import config as cfg
-from training.core import markers, storage
+from training.core import storage
+from training.core.i2e import I2ELayout
 
 from . import raw as raw_mod
+from .ner import planned_raw_shards
+from .runtime import markers
+from .runtime.executor import ShardStage, ShardTask, StageResult, run_shards
+from .runtime.layout import LABELS, WRITE, RunLayout
 from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
-STAGE = "write"
+STAGE = WRITE
 SIDECAR_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -81,120 +84,130 @@ def plan_output(counts: list[tuple[str, int]], shard_size: int) -> list[dict[str
     return outs
 
 
-def _write_one(job: dict[str, Any]) -> dict[str, Any]:
-    spec = job["spec"]
-    out_id = job["out"]
-    store = markers.MarkerStore(spec["i2e_uri"], STAGE)
-    names = spec["names"]
-    include_caption = spec["include_caption"]
-    tar_uri = storage.join(spec["i2e_uri"], f"{out_id}.tar")
-    rows = []
-    try:
-        with markers.ShardRun(store, out_id) as run:
-            with (
-                storage.open_write(tar_uri) as f,
-                tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT) as tar,
-            ):
-                for sid, first, last in job["parts"]:
-                    labels = _read_labels(storage.join(spec["labels_uri"], f"{sid}.parquet"))
-                    drop = markers.DropLogger(run.stats, log)
-                    rank = 0
-                    found = set()
-                    for key, group in raw_mod.iter_tar_samples(spec["raw_tars"][sid], drop):
-                        base = key.rsplit("/", 1)[-1]
-                        lab = labels.get(base)
-                        if lab is None or base in found:
-                            continue
-                        found.add(base)
-                        r, rank = rank, rank + 1
-                        if r < first:
-                            continue
-                        if r >= last:
-                            break
-                        run.stats.n_in += 1
-                        img = raw_mod.image_bytes(group)
-                        ext = next((e for e in raw_mod.IMAGE_EXTS if e in group), None)
-                        if img is None or ext is None:
-                            drop("image_missing", f"{sid}/{base}")
-                            continue
-                        caption = ""
-                        if include_caption and "txt" in group:
-                            caption = group["txt"].decode("utf-8", errors="replace").strip()
-                        meta = {
-                            "key": base,
-                            "entity_ids": lab["entity_ids"],
-                            "class_indices": lab["class_indices"],
-                            "names": [names.get(e, e) for e in lab["entity_ids"]],
-                            "similarities": [round(float(s), 5) for s in lab["similarities"]],
-                            "source_shard": sid,
-                        }
-                        if include_caption:
-                            meta["caption"] = caption
-                        raw_mod.add_tar_member(
-                            tar, f"{base}.{ext if ext != 'jpeg' else 'jpg'}", img
-                        )
-                        raw_mod.add_tar_member(
-                            tar,
-                            f"{base}.json",
-                            json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
-                        )
-                        rows.append(meta)
-                        run.stats.n_out += 1
-                    if rank < min(last, len(labels)) and first < len(labels):
-                        run.stats.drop(
-                            "labelled_key_missing_in_tar", min(last, len(labels)) - max(rank, first)
-                        )
-            side = pa.Table.from_pylist(
-                [
-                    {
-                        **{
-                            k: m.get(k)
-                            for k in (
-                                "key",
-                                "entity_ids",
-                                "class_indices",
-                                "similarities",
-                                "source_shard",
-                            )
-                        },
-                        "caption": m.get("caption", ""),
+@dataclasses.dataclass
+class WriteStage(ShardStage):
+    """Writes output shards: each one a tar of (image, labels) pairs and its sidecar."""
+
+    run_uri: str
+    i2e_uri: str
+    raw_tars: dict[str, str]
+    names: dict[str, str]
+    include_caption: bool
+
+    name = "write"
+    unit = "img"
+
+    def process(self, task: ShardTask, stats: markers.ShardStats) -> None:
+        out_id = task.shard
+        run, i2e = RunLayout(self.run_uri), I2ELayout(self.i2e_uri)
+        tar_uri = i2e.tar(out_id)
+        rows = []
+        drop = markers.DropLogger(stats, log)
+        with (
+            storage.open_write(tar_uri) as f,
+            tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            for sid, first, last in task.data["parts"]:
+                labels = _read_labels(run.output(LABELS, sid))
+                rank = 0
+                found = set()
+                for key, group in raw_mod.iter_tar_samples(self.raw_tars[sid], drop):
+                    base = key.rsplit("/", 1)[-1]
+                    lab = labels.get(base)
+                    if lab is None or base in found:
+                        continue
+                    found.add(base)
+                    r, rank = rank, rank + 1
+                    if r < first:
+                        continue
+                    if r >= last:
+                        break
+                    stats.n_in += 1
+                    img = raw_mod.image_bytes(group)
+                    ext = next((e for e in raw_mod.IMAGE_EXTS if e in group), None)
+                    if img is None or ext is None:
+                        drop("image_missing", f"{sid}/{base}")
+                        continue
+                    caption = ""
+                    if self.include_caption and "txt" in group:
+                        caption = group["txt"].decode("utf-8", errors="replace").strip()
+                    meta = {
+                        "key": base,
+                        "entity_ids": lab["entity_ids"],
+                        "class_indices": lab["class_indices"],
+                        "names": [self.names.get(e, e) for e in lab["entity_ids"]],
+                        "similarities": [round(float(s), 5) for s in lab["similarities"]],
+                        "source_shard": sid,
                     }
-                    for m in rows
-                ],
-                schema=SIDECAR_SCHEMA,
-            )
-            pq_uri = storage.join(spec["i2e_uri"], f"{out_id}.parquet")
-            with storage.open_write(pq_uri) as f:
-                pq.write_table(side, f, compression="zstd")
-            run.stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
-        return {"out": out_id, "n": len(rows)}
-    except Exception as exc:  # recorded in the failed marker; the other shards go on
-        log.error("write shard %s failed: %s", out_id, exc)
-        return {"out": out_id, "n": 0, "error": str(exc)}
+                    if self.include_caption:
+                        meta["caption"] = caption
+                    raw_mod.add_tar_member(tar, f"{base}.{ext if ext != 'jpeg' else 'jpg'}", img)
+                    raw_mod.add_tar_member(
+                        tar,
+                        f"{base}.json",
+                        json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+                    )
+                    rows.append(meta)
+                    stats.n_out += 1
+                if rank < min(last, len(labels)) and first < len(labels):
+                    stats.drop(
+                        "labelled_key_missing_in_tar", min(last, len(labels)) - max(rank, first)
+                    )
+        side = pa.Table.from_pylist(
+            [
+                {
+                    **{
+                        k: m.get(k)
+                        for k in (
+                            "key",
+                            "entity_ids",
+                            "class_indices",
+                            "similarities",
+                            "source_shard",
+                        )
+                    },
+                    "caption": m.get("caption", ""),
+                }
+                for m in rows
+            ],
+            schema=SIDECAR_SCHEMA,
+        )
+        pq_uri = i2e.sidecar(out_id)
+        with storage.open_write(pq_uri) as f:
+            pq.write_table(side, f, compression="zstd")
+        stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
 
 
 def run_write(
-    c: WriteConfig, raw_uri: str, run_uri: str, i2e_uri: str, progress: bool = True
-) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    shards, problems = raw_mod.discover(raw_uri)
-    labels_dir = storage.join(run_uri, "labels")
-    lstore = markers.MarkerStore(labels_dir, "labels")
+    c: WriteConfig,
+    raw_uri: str,
+    run_uri: str,
+    i2e_uri: str,
+    progress: bool = True,
+    only: list[str] | None = None,
+) -> StageResult:
+    """Writes the pending output shards (or those in ``only``); once every shard is done,
+    publishes the manifest (``sizes.json``), the vocabulary and ``_info.json``."""
+    layout = RunLayout(run_uri)
+    i2e = I2ELayout(i2e_uri)
+    shards, problems = planned_raw_shards(layout, raw_uri)
+    lstore = layout.store(LABELS)
     lplan = lstore.read_plan()
     if not lplan:
-        raise FileNotFoundError(f"no labels under {labels_dir}: run `mofi vocab` first")
+        raise FileNotFoundError(
+            f"no labels under {layout.stage_dir(LABELS)}: run `mofi vocab` first"
+        )
     not_done = [s for s in lplan["shards"] if not lstore.is_done(s)]
     if not_done:
         raise FileNotFoundError(
             f"labels are incomplete ({len(not_done)} shards pending): finish `mofi vocab` first"
         )
-    vocab = load_vocab(storage.join(run_uri, "vocab"))
+    vocab = load_vocab(layout.vocab_file)
     n_classes = vocab.num_rows
     idx = vocab.column("class_index").to_pylist()
     if sorted(idx) != list(range(n_classes)):
         raise cfg.ConfigError(
-            f"vocabulary at {run_uri}/vocab has class indices that are not 0..{n_classes - 1}"
+            f"vocabulary at {layout.vocab_file} has class indices that are not 0..{n_classes - 1}"
         )
     names = dict(
         zip(vocab.column("entity_id").to_pylist(), vocab.column("name").to_pylist(), strict=True)
@@ -205,7 +218,7 @@ def run_write(
         if sid not in tars:
             problems[sid] = "labels_without_raw_tar"
             continue
-        with storage.open_read(storage.join(labels_dir, f"{sid}.parquet")) as f:
+        with storage.open_read(layout.output(LABELS, sid)) as f:
             t = pq.read_table(f, columns=["key", "class_indices"])
         bad = [
             ci
@@ -225,43 +238,20 @@ def run_write(
     )
     storage.makedirs(i2e_uri)
     c.save(i2e_uri)
-    spec = {
-        "i2e_uri": i2e_uri,
-        "labels_uri": labels_dir,
-        "raw_tars": tars,
-        "names": names,
-        "include_caption": c.include_caption,
-    }
-    todo = [{"spec": spec, **o} for o in outs if not store.is_done(o["out"])]
+    stage = WriteStage(run_uri, i2e_uri, tars, names, c.include_caption)
+    tasks = [
+        ShardTask(o["out"], sum(b - a for _, a, b in o["parts"]), {"parts": o["parts"]})
+        for o in outs
+    ]
     storage.clean_temp(i2e_uri)
-    t0 = time.time()
-    bar = tqdm(
-        total=sum(sum(b - a for _, a, b in o["parts"]) for o in todo),
-        unit="img",
-        desc="write",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    results = []
-    if c.workers <= 1 or len(todo) <= 1:
-        for job in todo:
-            results.append(_write_one(job))
-            bar.update(results[-1]["n"])
-    else:
-        with mp.get_context("spawn").Pool(min(c.workers, len(todo))) as pool:
-            for res in pool.imap_unordered(_write_one, todo):
-                results.append(res)
-                bar.update(res["n"])
-    bar.close()
-    failed = {r["out"]: r["error"] for r in results if "error" in r}
-    if failed:
-        raise RuntimeError(
-            f"write: {len(failed)} shard(s) failed: {dict(list(failed.items())[:3])}; see `mofi status {i2e_uri}`"
-        )
+    result = StageResult(stage=STAGE, out=i2e_uri, shards=len(outs), skipped_shards=problems)
+    run_shards(stage, store, tasks, c.workers, only=only, progress=progress, result=result)
+    if result.failed or not all(store.is_done(o["out"]) for o in outs):
+        return result  # the manifest waits for every shard
     # manifest and vocabulary, after every shard is done
-    sizes = {f"{o['out']}.tar": store.read_done(o["out"]).n_out for o in outs}
-    storage.write_json(storage.join(i2e_uri, "sizes.json"), sizes)
-    with storage.open_write(storage.join(i2e_uri, "vocab.parquet")) as f:
+    sizes = {storage.basename(i2e.tar(o["out"])): store.read_done(o["out"]).n_out for o in outs}
+    storage.write_json(i2e.sizes, sizes)
+    with storage.open_write(i2e.vocab) as f:
         pq.write_table(vocab, f)
     info = {
         "num_samples": sum(sizes.values()),
@@ -271,5 +261,6 @@ def run_write(
         "raw": raw_uri,
         "skipped_input_shards": problems,
     }
-    storage.write_json(storage.join(i2e_uri, "_info.json"), info)
-    return {**info, "processed": len(todo), "seconds": round(time.time() - t0, 2), "out": i2e_uri}
+    storage.write_json(i2e.info, info)
+    result.extra.update(info)
+    return result

@@ -289,7 +289,8 @@ def tiny_kb(tmp_path, tiny_kb_table):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A 64-pair corpus (4 shards) over the tiny KB, built once per test session; treat as read-only."""
-    from pipeline_tasks import corpus, recipes
+    from pipeline_tasks.demo import corpus
+    from pipeline_tasks.demo import recipes as demo_recipes
     from pipeline_tasks.kb import KBConfig, build_kb
 
     root = tmp_path_factory.mktemp("tiny_corpus")
@@ -299,7 +300,7 @@ def tiny_corpus(tmp_path_factory):
     kb_table.write_text("".join(json.dumps(r) + "\n" for r in TINY_KB), encoding="utf-8")
     kb = str(root / "kb")
     build_kb(KBConfig(sources=(str(kb_table),)), kb)
-    c = recipes.cpu_test().corpus.replace(
+    c = demo_recipes.cpu_test().replace(
         stamps_dir=str(pictures), pairs=64, shard_size=16, holdout_min_pictures=5
     )
     corpus.build_corpus(c, str(root / "raw"), kb, progress=False)

@@ -16,9 +16,12 @@ def mofi(*args, env=None):
 def test_config_list_show_doc():
     out = mofi("config", "list")
     assert out.returncode == 0 and "cpu_test" in out.stdout and "production" in out.stdout
-    assert '"pairs": 5000' in mofi("config", "show", "demo").stdout
-    doc = mofi("config", "doc", "cpu_test").stdout
+    assert '"pairs": 5000' in mofi("config", "show", "corpus:demo").stdout
+    assert '"threshold": 0.25' in mofi("config", "show", "production").stdout
+    doc = mofi("config", "doc", "corpus:cpu_test").stdout
     assert "[corpus]" in doc and "misspell_prob" in doc
+    doc = mofi("config", "doc", "cpu_test").stdout
+    assert "[score]" in doc and "[corpus]" not in doc
     bad = mofi("config", "show", "nope")
     assert bad.returncode == 2 and "unknown config" in bad.stderr
 

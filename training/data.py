@@ -49,6 +49,7 @@ from PIL import Image
 
 from .core import storage
 from .core.config import ConfigError
+from .core.i2e import VOCAB_FILE, I2ELayout
 from .transforms import as_rgb, resize_center_crop, to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,14 @@ class I2EManifest:
 def load_manifest(i2e_uri: str) -> I2EManifest:
     if not i2e_uri:
         raise ConfigError("no I2E URI given (--i2e)")
-    sizes_uri = storage.join(i2e_uri, "sizes.json")
-    vocab_uri = storage.join(i2e_uri, "vocab.parquet")
+    layout = I2ELayout(i2e_uri)
+    sizes_uri, vocab_uri, info_uri = layout.sizes, layout.vocab, layout.info
     if not storage.exists(sizes_uri):
         raise ConfigError(
             f"{i2e_uri} is not an I2E root: {sizes_uri} is missing (build it with `mofi build-i2e`)"
         )
     if not storage.exists(vocab_uri):
-        raise ConfigError(f"{i2e_uri} has no vocab.parquet")
+        raise ConfigError(f"{i2e_uri} has no {VOCAB_FILE}")
     sizes = storage.read_json(sizes_uri)
     if not isinstance(sizes, dict) or not sizes:
         raise ConfigError(f"{sizes_uri} lists no shards: the I2E version is empty")
@@ -119,7 +120,6 @@ def load_manifest(i2e_uri: str) -> I2EManifest:
     idx = [r["class_index"] for r in vocab]
     if idx != list(range(len(vocab))):
         raise ConfigError(f"{vocab_uri}: class indices are not 0..{len(vocab) - 1}")
-    info_uri = storage.join(i2e_uri, "_info.json")
     info = storage.read_json(info_uri) if storage.exists(info_uri) else {}
     if info.get("num_classes", len(vocab)) != len(vocab):
         raise ConfigError(

@@ -12,9 +12,10 @@ import subprocess
 import sys
 from typing import Any
 
+from .config import TrainConfig
 from .core import storage
 from .core.config import ConfigError
-from .train import TrainConfig, preflight
+from .train import preflight
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from .config import DataConfig, DistConfig, OptimConfig, TrainConfig
 from .core.config import ConfigError
 from .losses import LossConfig
 from .model import DualEncoderConfig
-from .train import DataConfig, DistConfig, OptimConfig, TrainConfig
 
 
 def base() -> TrainConfig:

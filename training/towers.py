@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core.compat import ensure_torchvision, import_open_clip
+from .core.compat import ensure_torchvision
+from .openclip import load_open_clip
 
 # transformers' model classes import torchvision: make that work before anything else here.
 ensure_torchvision()
@@ -90,29 +91,15 @@ class MiniLMTextTower(nn.Module):
         return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
 
-def register_project_model_configs() -> None:
-    """Make the small open_clip configs shipped in training/model_configs known to open_clip."""
-    open_clip = import_open_clip()
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
-    if os.path.isdir(d) and "mofi-tiny-vit" not in open_clip.list_models():
-        open_clip.add_model_config(d)
-
-
 class OpenClipImageTower(nn.Module):
     """The vision tower of an open_clip model (e.g. ViT-B-16), optionally from a local checkpoint."""
 
     def __init__(self, model_name: str, pretrained: str | None = None):
         super().__init__()
-        open_clip = import_open_clip()
-        register_project_model_configs()
-        model = open_clip.create_model(model_name, pretrained=pretrained or None)
-        self.net = model.visual
-        cfg = open_clip.get_model_config(model_name) or {}
-        size = cfg.get("vision_cfg", {}).get("image_size", 224)
-        self.image_size = size if isinstance(size, int) else size[0]
-        self.mean = tuple(getattr(self.net, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
-        self.std = tuple(getattr(self.net, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-        self.output_dim = model.visual.output_dim
+        oc = load_open_clip(f"{model_name}:{pretrained or ''}")
+        self.net = oc.model.visual
+        self.image_size, self.mean, self.std = oc.image_size, oc.mean, oc.std
+        self.output_dim = oc.model.visual.output_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -123,10 +110,9 @@ class OpenClipTextTower(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None = None):
         super().__init__()
-        open_clip = import_open_clip()
-        register_project_model_configs()
-        model = open_clip.create_model(model_name, pretrained=pretrained or None)
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        oc = load_open_clip(f"{model_name}:{pretrained or ''}")
+        model = oc.model
+        self.tokenizer = oc.tokenizer
         # keep only the text parts of the CLIP model
         model.visual = None
         self.net = model

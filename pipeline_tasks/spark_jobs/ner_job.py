@@ -58,9 +58,10 @@ def _read_captions(parquet_uri: str) -> pd.DataFrame:
 
 def ner_partition(spec: dict, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     from pipeline_tasks.linking import clean_caption
-    from training.core import markers
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import NER, RunLayout
 
-    store = markers.MarkerStore(spec["out_uri"], "ner")
+    store = RunLayout(spec["run_uri"]).store(NER)
     for pdf in batches:
         for shard, parquet_uri in zip(pdf["shard"], pdf["parquet"], strict=True):
             t0 = time.time()
@@ -138,7 +139,9 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     from pipeline_tasks.linking import MENTION_TYPE
-    from training.core import markers, storage
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import NER, RunLayout
+    from training.core import storage
 
     shard = str(pdf["shard"].iloc[0])
     if (pdf["status"] == FAILED).any():
@@ -154,7 +157,7 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
                 }
             ]
         )
-    store = markers.MarkerStore(spec["out_uri"], "ner")
+    store = RunLayout(spec["run_uri"]).store(NER)
     import socket
 
     st = markers.ShardStats(host=socket.gethostname())
@@ -186,7 +189,7 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
             "mentions": pa.array(mentions, pa.list_(MENTION_TYPE)),
         }
     )
-    uri = storage.join(spec["out_uri"], f"{shard}.parquet")
+    uri = RunLayout(spec["run_uri"]).output(NER, shard)
     with storage.open_write(uri) as f:
         pq.write_table(table, f, compression="zstd")
     st.bytes_out = storage.size(uri)

@@ -36,12 +36,14 @@ def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import LABELS, RunLayout
     from pipeline_tasks.vocab import LABELS_SCHEMA
-    from training.core import markers, storage
+    from training.core import storage
 
     t0 = time.time()
     shard = str(pdf["shard"].iloc[0])
-    store = markers.MarkerStore(spec["labels_uri"], "labels")
+    store = RunLayout(spec["run_uri"]).store(LABELS)
     store.mark_running(shard)
     pdf = pdf.sort_values(["key", "similarity", "entity_id"], ascending=[True, False, True])
     keys, eids, cls, sims = [], [], [], []
@@ -54,7 +56,7 @@ def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
         {"key": keys, "entity_ids": eids, "class_indices": cls, "similarities": sims},
         schema=LABELS_SCHEMA,
     )
-    uri = storage.join(spec["labels_uri"], f"{shard}.parquet")
+    uri = RunLayout(spec["run_uri"]).output(LABELS, shard)
     with storage.open_write(uri) as f:
         pq.write_table(table, f, compression="zstd")
     st = markers.ShardStats(
@@ -80,8 +82,10 @@ def main(spec_path: str) -> int:
     from pyspark.sql import functions as F
 
     from pipeline_tasks.kb import load_kb
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import LABELS, VOCAB, RunLayout
     from pipeline_tasks.vocab import LABELS_SCHEMA, VOCAB_SCHEMA
-    from training.core import markers, storage
+    from training.core import storage
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -89,7 +93,7 @@ def main(spec_path: str) -> int:
     t0 = time.time()
     spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    vstore = markers.MarkerStore(spec["vocab_uri"], "vocab")
+    vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running("00000")
     files = spec["score_files"]
     n_parts = min(len(files), 2 * spark.sparkContext.defaultParallelism)
@@ -135,7 +139,7 @@ def main(spec_path: str) -> int:
         schema=VOCAB_SCHEMA,
         preserve_index=False,
     )
-    vocab_file = storage.join(spec["vocab_uri"], "vocab.parquet")
+    vocab_file = RunLayout(spec["run_uri"]).vocab_file
     with storage.open_write(vocab_file) as f:
         pq.write_table(table, f)
     # per-shard labels: only classes of the vocabulary
@@ -152,11 +156,11 @@ def main(spec_path: str) -> int:
         )
         written = {r["shard"] for r in res}
         n_labelled = sum(r["n"] for r in res)
-    lstore = markers.MarkerStore(spec["labels_uri"], "labels")
+    lstore = RunLayout(spec["run_uri"]).store(LABELS)
     for shard, _ in files:  # shards where nothing survived still get (empty) labels and a marker
         if shard in written:
             continue
-        uri = storage.join(spec["labels_uri"], f"{shard}.parquet")
+        uri = RunLayout(spec["run_uri"]).output(LABELS, shard)
         with storage.open_write(uri) as f:
             pq.write_table(pa.Table.from_pylist([], schema=LABELS_SCHEMA), f)
         n = int(images_in.get(shard, 0))

@@ -60,7 +60,7 @@ def synthesize_mentions(raw: str, truth: str, run: str) -> None:
 
     from pipeline_tasks import raw as raw_mod
     from pipeline_tasks.linking import MENTION_TYPE
-    from training.core import markers
+    from pipeline_tasks.runtime import markers
 
     shards, _ = raw_mod.discover(raw)
     store = markers.MarkerStore(os.path.join(run, "ner"), "ner")
@@ -129,6 +129,7 @@ def main() -> int:
     import torch
 
     from pipeline_tasks import recipes, scoring
+    from pipeline_tasks.runtime.layout import RunLayout
     from training.core.device import pick_device, tune_heap
 
     c = recipes.get(args.config).score
@@ -146,7 +147,7 @@ def main() -> int:
     }
     c = c.replace(**ch)
     if c.backend == "packaged" and not c.model:
-        c = c.replace(model=scoring.default_packaged_checkpoint(args.run))
+        c = c.replace(model=RunLayout(args.run).scorer_checkpoint)
     device = pick_device(scoring.resolve_devices(c.devices)[0])
     # the reference runs with the worker's own settings: threads and heap thresholds
     tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -101,6 +102,35 @@ def test_build_i2e_dag_runs_end_to_end(tmp_path, tiny_corpus, migrated_db):
     i2e = root / version / "i2e"
     assert (i2e / "sizes.json").exists() and (i2e / "vocab.parquet").exists()
     assert any(f.endswith(".tar") for f in os.listdir(i2e))
+
+
+@pytest.mark.slow
+def test_build_i2e_dag_with_the_production_recipe(tmp_path, tiny_corpus, migrated_db):
+    """config=production: open_clip scoring (a tiny random-init model stands in for
+    ViT-B-32), no packaged-scorer bootstrap, the recipe's top-k."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_build_i2e"]
+    root = tmp_path / "af"
+    run = dag.test(
+        run_conf={
+            "root": str(root),
+            "raw": tiny_corpus["raw"],
+            "kb": tiny_corpus["kb"],
+            "config": "production",
+            "score_model": "mofi-tiny-vit",
+            "threshold": -1.0,
+        }
+    )
+    assert run.state == "success"
+    (version,) = os.listdir(root)
+    work = root / version / "i2e_run"
+    assert not (work / "scorer").exists()  # open_clip needs no bootstrap
+    saved = json.loads((work / "score" / "score.config.json").read_text())
+    assert saved["backend"] == "open_clip" and saved["model"] == "mofi-tiny-vit"
+    assert json.loads((work / "vocab" / "vocab.config.json").read_text())["top_k"] == 3
+    i2e = root / version / "i2e"
+    assert json.loads((i2e / "_info.json").read_text())["num_samples"] > 0
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def test_eval_our_checkpoint_with_bad_images_and_a_singleton(folder, tiny_checkp
 
 def test_eval_open_clip_from_a_local_file_and_the_packaged_backbone(folder, tmp_path):
     from training.core.compat import import_open_clip
-    from training.towers import register_project_model_configs
+    from training.openclip import register_project_model_configs
 
     register_project_model_configs()
     open_clip = import_open_clip()

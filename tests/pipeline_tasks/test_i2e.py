@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from pipeline_tasks import build, ner, raw, recipes, scoring, vocab, write
-from training.core import markers
+from pipeline_tasks.runtime import markers
+from pipeline_tasks.runtime.layout import RunLayout
+from pipeline_tasks.scoring.images import ShardStream
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +237,7 @@ def test_open_clip_backend_with_a_local_checkpoint(built, tmp_path):
     import torch
 
     from training.core.compat import import_open_clip
-    from training.towers import register_project_model_configs
+    from training.openclip import register_project_model_configs
 
     register_project_model_configs()
     open_clip = import_open_clip()
@@ -298,7 +300,7 @@ def _stream_items(built, shard_ids, threads, batch_size=3, phase_batches=1):
         )
         for s in shard_ids
     ]
-    stream = scoring.ShardStream(
+    stream = ShardStream(
         shards, 32, batch_size, 40_000_000, decode_threads=threads, phase_batches=phase_batches
     )
     return list(stream)
@@ -334,7 +336,7 @@ def test_decode_modes_score_identically(built, tmp_path):
             decode=mode,
             loader_workers=workers,
             batch_size=4,
-            model=scoring.default_packaged_checkpoint(built["run"]),
+            model=RunLayout(built["run"]).scorer_checkpoint,
         )
         res = scoring.run_score(
             c, built["raw"], str(run), built["kb"], progress=False, reference_every=ref

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_tasks import kb
-from training.core import markers
+from pipeline_tasks.runtime import markers
 from training.core.config import ConfigError
 
 

@@ -144,6 +144,17 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
             yield f
 
 
+def fingerprint(uri: str, length: int = 16) -> str:
+    """A short content hash of one file (sha1, streamed): names the weights a cache belongs to."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open_read(uri) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
 def read_bytes(uri: str) -> bytes:
     with open_read(uri) as f:
         return f.read()

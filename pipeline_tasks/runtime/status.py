@@ -6,7 +6,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from training.core import markers, storage
+from training.core import storage
+
+from . import markers
 
 STALE_RUNNING_S = 6 * 3600
 # pipeline order for display; unknown stages go last, alphabetically

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.core import markers, storage
+from pipeline_tasks.runtime import markers
+from training.core import storage
 
 
 def test_shard_run_writes_done_marker_with_stats(storage_root):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pipeline_tasks import recipes
-from pipeline_tasks.corpus import CorpusConfig
+from pipeline_tasks.demo import recipes as demo_recipes
+from pipeline_tasks.demo.corpus import CorpusConfig
 from pipeline_tasks.kb import KBConfig
 from training.core.config import ConfigError
 
@@ -44,11 +45,23 @@ def test_named_configs_are_valid_and_distinct():
     names = list(recipes.RECIPES)
     assert {"cpu_test", "demo", "production"} <= set(names)
     bundles = [recipes.get(n) for n in names]
-    assert len({b.corpus.pairs for b in bundles}) == len(bundles)
+    assert len(
+        {json.dumps(json.loads(b.to_json())["score"]) + b.kb.to_json() for b in bundles}
+    ) == len(bundles)
     for b in bundles:
         json.loads(b.to_json())
     with pytest.raises(ConfigError, match="unknown config"):
         recipes.get("nope")
+    corpora = [demo_recipes.get(n) for n in demo_recipes.RECIPES]
+    assert len({c.pairs for c in corpora}) == len(corpora)
+    with pytest.raises(ConfigError, match="unknown corpus config"):
+        demo_recipes.get("nope")
+
+
+def test_production_scores_with_open_clip_at_the_documented_filter():
+    p = recipes.production()
+    assert p.score.backend == "open_clip" and p.score.model.startswith("ViT-B-32")
+    assert (p.vocab.threshold, p.vocab.top_k) == (0.25, 3)
 
 
 def test_every_field_is_documented():

@@ -4,8 +4,7 @@ import json
 import subprocess
 import sys
 
-from pipeline_tasks import status
-from training.core import markers
+from pipeline_tasks.runtime import markers, status
 
 
 def _fake_stage(root, stage, done, failed=(), running=(), planned=None):

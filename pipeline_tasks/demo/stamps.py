@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from typing import Any
 
-from training.core import markers
+from ..runtime import markers
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline_tasks import corpus, recipes
-from training.core import markers
+from pipeline_tasks.demo import corpus
+from pipeline_tasks.demo import recipes as demo_recipes
+from pipeline_tasks.runtime import markers
 
 
 def _config(picture_folder, **kw):
-    base = recipes.cpu_test().corpus.replace(
+    base = demo_recipes.cpu_test().replace(
         stamps_dir=str(picture_folder), pairs=40, shard_size=16, holdout_min_pictures=5
     )
     return base.replace(**kw)
@@ -147,24 +148,26 @@ def test_resume_rewrites_only_missing_shards(tmp_path, picture_folder, tiny_kb):
 def test_a_failing_shard_never_looks_complete(tmp_path, picture_folder, tiny_kb, monkeypatch):
     out = str(tmp_path / "raw")
     real = corpus.render
+    failing = {"shard": None}
 
     def flaky(picture, rng, c):
-        if corpus._W.get("fail_now"):
+        if failing["shard"] == "00001":
             raise OSError("disk full")
         return real(picture, rng, c)
 
+    real_process = corpus.CorpusStage.process
+
+    def process(self, task, stats):
+        failing["shard"] = task.shard
+        return real_process(self, task, stats)
+
     monkeypatch.setattr(corpus, "render", flaky)
+    monkeypatch.setattr(corpus.CorpusStage, "process", process)
     c = _config(picture_folder, workers=1)
-
-    orig_write = corpus._write_shard
-
-    def write(shard):
-        corpus._W["fail_now"] = shard == 1
-        return orig_write(shard)
-
-    monkeypatch.setattr(corpus, "_write_shard", write)
-    with pytest.raises(RuntimeError, match="1 shard\\(s\\) failed"):
-        corpus.build_corpus(c, out, tiny_kb, progress=False)
+    res = corpus.build_corpus(c, out, tiny_kb, progress=False)
+    assert list(res.failed) == ["00001"] and "disk full" in res.failed["00001"]
+    with pytest.raises(RuntimeError, match="1 shard\\(s\\)"):
+        res.raise_if_failed()
     assert not os.path.exists(os.path.join(out, "00001.tar"))
     assert not any(".tmp-" in f for f in os.listdir(out))
     recs = markers.MarkerStore(out, "corpus").read_all()
@@ -191,6 +194,6 @@ def test_corpus_to_s3(s3_bucket, tmp_path, picture_folder, tiny_kb):
 
 def test_render_varies_the_picture(picture_folder):
     pic = corpus._load_picture(str(picture_folder / "fruit" / "apple.png"), 128)
-    c = recipes.cpu_test().corpus
+    c = demo_recipes.cpu_test()
     outs = {corpus.render(pic, np.random.default_rng([0, 0, i]), c) for i in range(20)}
     assert len(outs) == 20

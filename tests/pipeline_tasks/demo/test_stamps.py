@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline_tasks import stamps
+from pipeline_tasks.demo import stamps
 
 
 def test_index_folder_counts_every_kind_of_bad_input(picture_folder):

@@ -29,11 +29,9 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import re
 import tarfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,11 +39,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.core import config as cfg
-from training.core import markers, storage
+from training.core import storage
 
-from . import kb as kb_mod
+from .. import kb as kb_mod
+from ..raw import add_tar_member
+from ..runtime import markers
+from ..runtime.executor import ShardStage, ShardTask, StageResult, run_shards
+from ..runtime.layout import sibling
 from . import stamps as stamps_mod
-from .raw import add_tar_member
 
 log = logging.getLogger(__name__)
 
@@ -532,56 +533,58 @@ def render(picture, rng: np.random.Generator, c: CorpusConfig) -> bytes:
 # ------------------------------------------------------------------ shard writing
 
 
-_W: dict[str, Any] = {}  # per-worker state, set by _init_worker
-
-
-def _init_worker(job: dict[str, Any]) -> None:
-    _W.clear()
-    _W.update(job)
-    _W["cache"] = {}
-
-
-def _picture(rec: dict[str, Any]):
-    cache = _W["cache"]
-    pic = cache.get(rec["stamp_id"])
-    if pic is None:
-        pic = _load_picture(
-            os.path.join(_W["stamps_dir"], rec["image"]), _W["config"].cache_max_side
-        )
-        cache[rec["stamp_id"]] = pic
-    return pic
-
-
 def sample_key(shard: int, i: int) -> str:
     return f"{shard:05d}{i:04d}" if i < 10_000 else f"{shard:05d}{i:06d}"
 
 
-def _write_shard(shard: int) -> dict[str, Any]:
-    c: CorpusConfig = _W["config"]
-    out, truth_dir = _W["out"], _W["truth_dir"]
-    train: list[dict[str, Any]] = _W["train"]
-    pools = _W["pools"]
-    sid = markers.shard_id(shard)
-    store = markers.MarkerStore(out, STAGE)
-    n = min(c.shard_size, c.pairs - shard * c.shard_size)
-    rows, truth = [], []
-    tar_uri = storage.join(out, f"{sid}.tar")
-    with markers.ShardRun(store, sid) as run:
+@dataclasses.dataclass
+class CorpusStage(ShardStage):
+    """Renders corpus shards; each worker keeps the pictures it used in memory."""
+
+    config: CorpusConfig
+    out: str
+    truth_dir: str
+    train: list[dict[str, Any]]
+    pools: dict[str, list[tuple[str, str]]]
+    stamps_dir: str
+
+    name = "corpus"
+    unit = "pair"
+
+    def setup(self, worker: int, workers: int) -> None:
+        self.cache: dict[str, Any] = {}
+
+    def _picture(self, rec: dict[str, Any]):
+        pic = self.cache.get(rec["stamp_id"])
+        if pic is None:
+            pic = _load_picture(
+                os.path.join(self.stamps_dir, rec["image"]), self.config.cache_max_side
+            )
+            self.cache[rec["stamp_id"]] = pic
+        return pic
+
+    def process(self, task: ShardTask, stats: markers.ShardStats) -> None:
+        from PIL import Image
+
+        c, out, train = self.config, self.out, self.train
+        shard = int(task.shard)
+        sid = task.shard
+        n = min(c.shard_size, c.pairs - shard * c.shard_size)
+        rows, truth = [], []
+        tar_uri = storage.join(out, f"{sid}.tar")
         with (
             storage.open_write(tar_uri) as f,
             tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT) as tar,
         ):
             for i in range(n):
                 rng = np.random.default_rng([c.seed, shard, i])
-                run.stats.n_in += 1
+                stats.n_in += 1
                 rec = train[int(rng.integers(0, len(train)))]
                 key = sample_key(shard, i)
-                jpg = render(_picture(rec), rng, c)
+                jpg = render(self._picture(rec), rng, c)
                 eid = rec.get("entity_id")
                 mention, misspelled = _mention(rec, rng, c)
-                text, distractors, mentioned = make_alt_text(mention, rng, pools, c, eid)
-                from PIL import Image
-
+                text, distractors, mentioned = make_alt_text(mention, rng, self.pools, c, eid)
                 with Image.open(io.BytesIO(jpg)) as im:
                     w, h = im.size
                 digest = hashlib.sha256(jpg).hexdigest()
@@ -615,18 +618,17 @@ def _write_shard(shard: int) -> dict[str, Any]:
                         "misspelled": misspelled and mentioned,
                     }
                 )
-                run.stats.n_out += 1
+                stats.n_out += 1
         pq_uri = storage.join(out, f"{sid}.parquet")
         with storage.open_write(pq_uri) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), f)
-        with storage.open_write(storage.join(truth_dir, f"{sid}.parquet")) as f:
+        with storage.open_write(storage.join(self.truth_dir, f"{sid}.parquet")) as f:
             pq.write_table(pa.Table.from_pylist(truth, schema=TRUTH_SCHEMA), f)
-        run.stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
-        run.stats.extra = {
+        stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
+        stats.extra = {
             "with_entity": sum(1 for t in truth if t["true_entity_ids"]),
             "distractors": sum(len(t["distractor_entity_ids"]) for t in truth),
         }
-    return {"shard": sid, "n": n}
 
 
 def _mention(rec: dict[str, Any], rng: np.random.Generator, c: CorpusConfig) -> tuple[str, bool]:
@@ -650,13 +652,6 @@ def _mention(rec: dict[str, Any], rng: np.random.Generator, c: CorpusConfig) -> 
 
 
 # ------------------------------------------------------------------ entry point
-
-
-def sibling(uri: str, name: str) -> str:
-    uri = str(uri).rstrip("/")
-    if storage.is_s3(uri):
-        return uri.rsplit("/", 1)[0] + "/" + name
-    return os.path.join(os.path.dirname(os.path.abspath(uri)), name)
 
 
 def _pools(table: pa.Table) -> dict[str, list[tuple[str, str]]]:
@@ -722,7 +717,7 @@ def build_corpus(
     eval_out: str | None = None,
     truth_out: str | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> StageResult:
     eval_dir = eval_out or sibling(out_uri, "eval")
     truth_dir = truth_out or sibling(out_uri, "truth")
     prep = prepare(c, kb_uri)
@@ -751,83 +746,20 @@ def build_corpus(
     store = markers.MarkerStore(out_uri, STAGE)
     all_shards = list(range(c.num_shards))
     store.write_plan([markers.shard_id(s) for s in all_shards], {"pairs": c.pairs, "seed": c.seed})
-    todo = [s for s in all_shards if not store.is_done(markers.shard_id(s))]
-    if len(todo) < len(all_shards):
-        log.info(
-            "corpus: %d of %d shards already done, skipping them",
-            len(all_shards) - len(todo),
-            len(all_shards),
-        )
     storage.clean_temp(out_uri)
-    job = {
-        "config": c,
-        "out": out_uri,
-        "truth_dir": truth_dir,
-        "train": prep["train"],
-        "pools": prep["pools"],
-        "stamps_dir": prep["stamps_dir"],
-    }
-    for _ in _run_shards(
-        todo,
-        job,
-        c.workers,
-        progress,
-        total_pairs=sum(min(c.shard_size, c.pairs - s * c.shard_size) for s in todo),
-    ):
-        pass
-    failed = [s for s in all_shards if not store.is_done(markers.shard_id(s))]
-    if failed:
-        raise RuntimeError(
-            f"corpus: {len(failed)} shard(s) failed: {failed[:10]}; see `mofi status {out_uri}`"
-        )
-    return {
-        "samples": c.pairs,
-        "shards": len(all_shards),
-        "eval_images": n_eval,
-        "eval_classes": n_classes,
-        "eval_dir": eval_dir,
-        "truth_dir": truth_dir,
-        "pictures": len(prep["records"]),
-        "linked_pictures": src_stats.extra["linked"],
-    }
-
-
-def _run_shards(
-    todo: list[int], job: dict[str, Any], workers: int, progress: bool, total_pairs: int
-) -> Iterator[dict[str, Any]]:
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total_pairs, unit="pair", desc="corpus", disable=not progress, dynamic_ncols=True
+    stage = CorpusStage(c, out_uri, truth_dir, prep["train"], prep["pools"], prep["stamps_dir"])
+    tasks = [
+        ShardTask(markers.shard_id(s), min(c.shard_size, c.pairs - s * c.shard_size))
+        for s in all_shards
+    ]
+    result = run_shards(stage, store, tasks, c.workers, progress=progress)
+    result.extra.update(
+        samples=c.pairs,
+        eval_images=n_eval,
+        eval_classes=n_classes,
+        eval_dir=eval_dir,
+        truth_dir=truth_dir,
+        pictures=len(prep["records"]),
+        linked_pictures=src_stats.extra["linked"],
     )
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            _init_worker(job)
-            for s in todo:
-                res = _safe_write(s)
-                bar.update(res["n"])
-                yield res
-        else:
-            # spawn, not fork: a forked child of a process that runs threads (Airflow, boto3,
-            # torch) can deadlock on a lock held at fork time.
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(
-                min(workers, len(todo)),
-                initializer=_init_worker,
-                initargs=(job,),
-                maxtasksperchild=50,
-            ) as pool:
-                for res in pool.imap_unordered(_safe_write, todo):
-                    bar.update(res["n"])
-                    yield res
-    finally:
-        bar.close()
-
-
-def _safe_write(shard: int) -> dict[str, Any]:
-    """A failing shard leaves its failed marker (written by ShardRun) and the others go on."""
-    try:
-        return _write_shard(shard)
-    except Exception as exc:  # noqa: BLE001 - reported through the marker and the summary
-        log.error("corpus shard %05d failed: %s", shard, exc)
-        return {"shard": markers.shard_id(shard), "n": 0, "error": str(exc)}
+    return result

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from . import storage
+from training.core import storage
 
 MARKER_DIR = "_markers"
 STATES = ("done", "failed", "running")

@@ -1,0 +1,140 @@
+"""The Spark launcher: ``spark-submit`` of a job script with a JSON spec, on the configured master.
+
+Every Spark stage (ner, vocab) runs through :func:`run_spark_job`: the driver writes the
+job's spec, launches ``spark-submit SCRIPT SPEC`` (``local[*]`` by default; ``spark://``,
+``yarn`` or ``k8s://`` for a cluster, where the executors run the project's image) and shows
+a progress bar fed by the stage's done markers, which the executors write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from training.core import config as cfg
+
+from . import markers
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SparkConfig(cfg.StageConfig):
+    """Where and how a Spark job runs."""
+
+    master: str = cfg.field(
+        "local[*]", "Spark master: local[N], local[*], spark://host:7077, yarn, k8s://https://..."
+    )
+    driver_memory: str = cfg.field("2g", "spark.driver.memory")
+    executor_memory: str = cfg.field("2g", "spark.executor.memory (cluster masters)")
+    partitions: int = cfg.field(
+        0, "tasks for the per-shard work (0: two per core, at most one per shard)"
+    )
+    extra_conf: dict[str, str] = cfg.field(
+        factory=dict, doc="more --conf key=value pairs for spark-submit"
+    )
+    deploy_mode: str = cfg.field("client", "client or cluster")
+
+    def validate(self) -> None:
+        ok = self.master.startswith(("local", "spark://", "yarn", "k8s://", "mesos://"))
+        self._check(ok, "master", "use local[N], local[*], spark://..., yarn or k8s://...")
+        self._check(self.partitions >= 0, "partitions", "must be >= 0")
+        self._check(self.deploy_mode in ("client", "cluster"), "deploy_mode", "client or cluster")
+
+
+def spark_submit_path() -> str:
+    import pyspark
+
+    path = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"spark-submit not found at {path}: is pyspark 4.3.0 installed (make setup)?"
+        )
+    return path
+
+
+def spark_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYSPARK_PYTHON", sys.executable)
+    env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # The job imports pipeline_tasks; make sure it resolves to this checkout.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_spark_job(
+    script: str,
+    spec: dict[str, Any],
+    sc: SparkConfig,
+    name: str,
+    store: markers.MarkerStore,
+    total: int,
+    progress: bool,
+) -> None:
+    """spark-submit ``script`` with ``spec``; a progress bar counts the stage's done markers."""
+    from tqdm import tqdm
+
+    fd, spec_path = tempfile.mkstemp(prefix=f"mofi-{name}-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    log_fd, log_path = tempfile.mkstemp(prefix=f"mofi-{name}-", suffix=".log")
+    cmd = [
+        spark_submit_path(),
+        "--master",
+        sc.master,
+        "--deploy-mode",
+        sc.deploy_mode,
+        "--name",
+        f"mofi-{name}",
+    ]
+    conf = {
+        "spark.driver.memory": sc.driver_memory,
+        "spark.executor.memory": sc.executor_memory,
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.python.worker.reuse": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.shuffle.partitions": str(max(1, min(200, total))),
+        "spark.sql.adaptive.enabled": "false",
+        "spark.task.maxFailures": "2",
+        **sc.extra_conf,
+    }
+    for k, v in conf.items():
+        cmd += ["--conf", f"{k}={v}"]
+    cmd += [script, spec_path]
+    log.info("launching %s", " ".join(cmd))
+    bar = tqdm(total=total, unit="shard", desc=name, disable=not progress, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(2.0):
+            done = sum(1 for r in store.read_all().values() if r["state"] in ("done", "failed"))
+            bar.n = min(total, done)
+            bar.refresh()
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        with os.fdopen(log_fd, "w") as logf:
+            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=spark_env())
+    finally:
+        stop.set()
+        th.join()
+        bar.close()
+        os.remove(spec_path)
+    if proc.returncode != 0:
+        with open(log_path, errors="replace") as f:
+            tail = "".join(f.readlines()[-40:])
+        raise RuntimeError(
+            f"spark job {name} failed (exit {proc.returncode}); full log: {log_path}\n{tail}"
+        )
+    os.remove(log_path)

@@ -1,0 +1,93 @@
+"""``ScoreConfig``: which scorer, on which devices, decoding where, with which prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from training.core import config as cfg
+
+from ..entity_text import DEFAULT_PROMPTS
+
+BACKENDS = ("packaged", "open_clip", "mofi")
+
+
+@dataclasses.dataclass
+class ScoreConfig(cfg.StageConfig):
+    """Which scorer, on which devices, with which prompts."""
+
+    backend: str = cfg.field("packaged", "packaged, open_clip or mofi")
+    model: str = cfg.field(
+        "",
+        "packaged/mofi: checkpoint URI (packaged default: RUN/scorer/packaged.pt); open_clip: ARCH, ARCH:HUB_TAG or ARCH:/path/ckpt.pt",
+    )
+    batch_size: int = cfg.field(
+        128, "images per forward pass (every pass has this shape: a shard's last batch is padded)"
+    )
+    decode: str = cfg.field(
+        "auto",
+        "where images are decoded: processes (loader processes overlapped with the model: for "
+        "GPUs), threads (a thread pool inside the worker, between forward passes: for CPU, where "
+        "an overlapped decoder takes cores from the model's threads), auto (threads on CPU, "
+        "processes on CUDA)",
+    )
+    loader_workers: int = cfg.field(
+        0,
+        "decode processes or threads per scoring worker; 0: auto (processes: the worker's share "
+        "of the host's cores minus the model's threads; threads: the model's thread count)",
+    )
+    decode_phase_images: int = cfg.field(
+        256,
+        "decode=threads: images decoded before the model runs again (rounded up to whole "
+        "batches); longer phases amortise the pool's ramp-up and the model's restart",
+    )
+    devices: str = cfg.field(
+        "auto", "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1"
+    )
+    precision: str = cfg.field(
+        "auto", "autocast: auto (bf16 on CUDA and bf16-capable CPUs), bf16, fp16, fp32"
+    )
+    prompts: tuple[str, ...] = cfg.field(
+        DEFAULT_PROMPTS, "entity text prompts; their embeddings are averaged"
+    )
+    max_pixels: int = cfg.field(
+        40_000_000, "images with more pixels are skipped (decompression bombs)"
+    )
+    text_batch_size: int = cfg.field(256, "entity prompts per text forward pass")
+    cache_uri: str = cfg.field("", "entity embedding cache (default: RUN/score/_embedding_cache)")
+    torch_threads: int = cfg.field(
+        0, "model threads (0: every core on CPU, 2 on a GPU, whose host cores decode)"
+    )
+    heap_mmap_threshold_mb: int = cfg.field(
+        64, "glibc: allocations up to this size come from the reusable heap (0: glibc's default)"
+    )
+    heap_trim_threshold_mb: int = cfg.field(
+        1024, "glibc: free heap kept for reuse before it is returned to the OS (0: glibc's default)"
+    )
+
+    def validate(self) -> None:
+        self._check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+        self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._check(self.loader_workers >= 0, "loader_workers", "must be >= 0")
+        self._check(self.decode_phase_images >= 1, "decode_phase_images", "must be >= 1")
+        self._check(
+            self.decode in ("auto", "processes", "threads"),
+            "decode",
+            "auto, processes or threads",
+        )
+        self._check(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            "precision",
+            "auto, fp32, bf16 or fp16",
+        )
+        self._check(
+            len(self.prompts) >= 1 and all("{name}" in p for p in self.prompts),
+            "prompts",
+            "each prompt needs {name}",
+        )
+        self._check(self.max_pixels >= 1024, "max_pixels", "must be >= 1024")
+        self._check(self.heap_mmap_threshold_mb >= 0, "heap_mmap_threshold_mb", "must be >= 0")
+        self._check(self.heap_trim_threshold_mb >= 0, "heap_trim_threshold_mb", "must be >= 0")
+        if self.backend == "open_clip":
+            self._check(
+                bool(self.model), "model", "open_clip needs ARCH, ARCH:TAG or ARCH:/path/ckpt.pt"
+            )

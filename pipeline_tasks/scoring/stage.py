@@ -1,0 +1,169 @@
+"""`mofi score`: the driver of the scoring stage.
+
+1. plan: the raw shards ner finished (from ner's plan) become the stage's plan;
+2. text phase, once per call in the driver: the distinct candidate entities of the pending
+   shards are embedded through the cache (each entity text once per scorer, ever);
+3. image phase: one :class:`ScoreStage` worker per device (``runtime.executor``), each
+   streaming its share of the shards.
+
+``only`` restricts a call to some shards (an Airflow mapped task scores one batch of the
+plan); ``prepare`` runs steps 1-2 only, so the mapped tasks that follow find every entity in
+the cache. :func:`ensure_scorer` is the one rule for the packaged scorer: bootstrap it when
+its checkpoint is missing (``mofi score --bootstrap-if-missing`` and ``mofi build-i2e``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from training.core import config as cfg
+from training.core import storage
+
+from ..entity_text import kb_text_rows
+from ..ner import planned_raw_shards, read_candidates
+from ..runtime.executor import ShardTask, StageResult, run_shards
+from ..runtime.layout import NER, SCORE, RunLayout
+from .backends import backend_fingerprint, build_backend, checkpoint_uri
+from .config import ScoreConfig
+from .embeddings import embed_entities, write_entity_matrix
+from .worker import ScoreStage, resolve_devices
+
+log = logging.getLogger(__name__)
+
+
+def needs_bootstrap(c: ScoreConfig, run_uri: str) -> bool:
+    """The packaged scorer without an explicit checkpoint, whose default one is missing."""
+    return (
+        c.backend == "packaged" and not c.model and not storage.exists(checkpoint_uri(c, run_uri))
+    )
+
+
+def ensure_scorer(
+    c: ScoreConfig, boot, raw_uri: str, kb_uri: str, run_uri: str, progress: bool = True
+) -> dict[str, Any] | None:
+    """Bootstrap the packaged scorer when :func:`needs_bootstrap`; its report, or None."""
+    if not needs_bootstrap(c, run_uri):
+        return None
+    from ..bootstrap import bootstrap_scorer
+
+    return bootstrap_scorer(
+        boot, raw_uri, checkpoint_uri(c, run_uri), run_uri, kb_uri, progress=progress
+    )
+
+
+def run_score(
+    c: ScoreConfig,
+    raw_uri: str,
+    run_uri: str,
+    kb_uri: str,
+    progress: bool = True,
+    reference_every: int = 0,
+    only: Iterable[str] | None = None,
+    prepare: bool = False,
+) -> StageResult:
+    """Scores every pending shard (or those in ``only``). ``reference_every`` > 0: after every
+    that many batches each worker also times one forward pass on a preloaded batch, and the
+    result reports the bare forward rate and end to end / bare (what fraction of the model's
+    speed the data path delivers), both measured in the same minutes on the same machine."""
+    if reference_every < 0:
+        raise cfg.ConfigError(f"reference_every = {reference_every}: must be >= 0")
+    layout = RunLayout(run_uri)
+    shards, problems = planned_raw_shards(layout, raw_uri)
+    ner_store, store = layout.store(NER), layout.store(SCORE)
+    out = layout.stage_dir(SCORE)
+    ner_done = {s.shard: ner_store.is_done(s.shard) for s in shards}
+    ready = [s for s in shards if ner_done[s.shard]]
+    not_ready = {s.shard: "ner_not_done" for s in shards if not ner_done[s.shard]}
+    if not ready:
+        raise FileNotFoundError(
+            f"no finished ner shards under {layout.stage_dir(NER)}: run `mofi ner` first"
+        )
+    wanted = set(only) if only is not None else None
+    if wanted is not None:
+        unknown = sorted(wanted - {s.shard for s in ready})
+        if unknown:
+            raise cfg.ConfigError(f"score: shards {unknown[:5]} are not in the plan of {out}")
+    store.write_plan(
+        [s.shard for s in ready],
+        {"skipped": {**problems, **not_ready}, "backend": c.backend, "model": c.model},
+    )
+    c.save(out)
+    todo = [
+        s for s in ready if (wanted is None or s.shard in wanted) and not store.is_done(s.shard)
+    ]
+    result = StageResult(
+        stage=SCORE, out=out, shards=len(ready), skipped_shards={**problems, **not_ready}
+    )
+    if not todo:
+        result.extra.update(entities=0, entities_embedded=0, images=0)
+        return result
+    # 1. every distinct candidate entity of the pending shards, embedded once
+    t0 = time.time()
+    eids: set[str] = set()
+    for s in todo:
+        for v in read_candidates(layout.output(NER, s.shard)).values():
+            eids.update(v)
+    kb_rows = kb_text_rows(kb_uri)
+    unknown = sorted(e for e in eids if e not in kb_rows)
+    if unknown:
+        raise cfg.ConfigError(
+            f"{len(unknown)} candidate entities are not in the KB {kb_uri} (e.g. {unknown[:3]}): ner ran with another KB"
+        )
+    order = sorted(eids)
+    devices = resolve_devices(c.devices)
+
+    def text_backend():
+        from training.core.device import pick_device
+
+        return build_backend(c, run_uri, pick_device(devices[0]))
+
+    mat, n_new = embed_entities(
+        text_backend,
+        backend_fingerprint(c, run_uri),
+        kb_rows,
+        order,
+        c,
+        c.cache_uri or layout.embedding_cache,
+    )
+    result.extra.update(
+        entities=len(order), entities_embedded=n_new, text_seconds=round(time.time() - t0, 2)
+    )
+    if prepare:
+        result.extra["images"] = 0
+        return result
+    # 2. images, one worker per device; the matrix reaches them as a local file of this call
+    work = layout.local_work_dir()
+    digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:12]
+    matrix = os.path.join(work, f"score-entities-{digest}-{os.getpid()}.parquet")
+    write_entity_matrix(matrix, order, mat)
+    stage = ScoreStage(c, run_uri, matrix, devices, reference_every)
+    tasks = [
+        ShardTask(s.shard, 1, {"tar": s.tar, "mentions": layout.output(NER, s.shard)})
+        for s in ready
+    ]
+    storage.clean_temp(out)
+    t1 = time.time()
+    try:
+        run_shards(
+            stage,
+            store,
+            tasks,
+            workers=len(devices),
+            only=[s.shard for s in todo],
+            progress=progress,
+            result=result,
+        )
+    finally:
+        os.remove(matrix)
+    t_img = time.time() - t1
+    result.processed = len(todo)
+    result.extra.update(
+        image_seconds=round(t_img, 2),
+        images_per_s=round(result.extra.get("images", 0) / t_img, 1) if t_img else None,
+    )
+    return result

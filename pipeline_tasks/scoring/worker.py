@@ -1,0 +1,249 @@
+"""The scoring worker: one process per device, streaming its share of the shards.
+
+``setup`` loads the scorer and the entity matrix once; ``process_all`` runs the image
+stream (decode in loader processes or in threads, see ``ScoreConfig.decode``), embeds each
+batch under autocast, takes the dot product of every (image, candidate) pair in one gather,
+and publishes ``SCORE/{shard}.parquet`` (key, entity_id, similarity) then the shard's done
+marker. Every forward pass has the same shape (a shard's last batch is padded), so the
+heap is reused exactly and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from training.core import storage
+
+from ..runtime import markers
+from ..runtime.executor import ShardOutcome, ShardStage, ShardTask
+from ..runtime.layout import SCORE, RunLayout
+from .backends import build_backend, reference_batch
+from .config import ScoreConfig
+from .embeddings import read_entity_matrix
+from .images import ShardStream
+
+SCORE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("entity_id", pa.string()), ("similarity", pa.float32())]
+)
+
+
+def resolve_devices(spec: str) -> list[str]:
+    import torch
+
+    if spec == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def decode_plan(c: ScoreConfig, device, model_threads: int, world: int) -> tuple[str, int]:
+    """(``threads`` or ``processes``, how many) for one scoring worker on ``device``."""
+    mode = c.decode if c.decode != "auto" else ("threads" if device.type == "cpu" else "processes")
+    if c.loader_workers:
+        return mode, c.loader_workers
+    if mode == "threads":
+        return mode, model_threads
+    share = max(1, (os.cpu_count() or 1) // max(1, world))
+    return mode, max(1, share - (model_threads if device.type == "cpu" else 1))
+
+
+@dataclasses.dataclass
+class ScoreStage(ShardStage):
+    """Scores shards on ``devices[rank]``; picklable, so it runs in spawned workers."""
+
+    config: ScoreConfig
+    run_uri: str
+    entity_matrix: str
+    devices: list[str]
+    reference_every: int = 0
+
+    name = "score"
+    unit = "shard"
+    streams_shards = True
+    # Workers are always fresh processes, also for one device: they inherit nothing of the
+    # driver's text phase (text tower, KB), so their memory is the image loop's alone.
+    isolated = True
+
+    def setup(self, worker: int, workers: int) -> None:
+        import torch
+
+        from training.core.device import pick_device, tune_heap
+
+        c = self.config
+        tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
+        self.rank, self.world = worker, workers
+        self.device = pick_device(self.devices[worker])
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # On CPU the model needs every core; on a GPU the cores belong to the decode processes.
+        self.threads = c.torch_threads or (
+            (os.cpu_count() or 1) if self.device.type == "cpu" else 2
+        )
+        torch.set_num_threads(self.threads)
+        self.backend = build_backend(c, self.run_uri, self.device)
+        self.index, mat = read_entity_matrix(self.entity_matrix)
+        self.E = torch.tensor(mat).to(self.device)
+        self._report: dict[str, Any] = {}
+
+    def _loader(self, tasks: list[ShardTask]):
+        from torch.utils.data import DataLoader
+
+        c = self.config
+        mine = [(t.shard, t.data["tar"], t.data["mentions"]) for t in tasks]
+        mode, n_decode = decode_plan(c, self.device, self.threads, self.world)
+        if mode == "threads":
+            # Decode and forward take turns on the same cores: a decoder running beside the
+            # model would hold a core that one of the model's threads waits for at every op.
+            phase = max(1, -(-c.decode_phase_images // c.batch_size))
+            stream = ShardStream(
+                mine,
+                self.backend.image_size,
+                c.batch_size,
+                c.max_pixels,
+                n_decode,
+                phase_batches=phase,
+            )
+            return DataLoader(stream, batch_size=None, num_workers=0), f"{n_decode} {mode}"
+        n_decode = min(n_decode, len(mine))
+        stream = ShardStream(mine, self.backend.image_size, c.batch_size, c.max_pixels)
+        # decoded batches in flight (they pass through /dev/shm): 8, or 2 per loader process
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=n_decode, prefetch_factor=max(2, 8 // n_decode)
+        )
+        return loader, f"{n_decode} {mode}"
+
+    def process_all(
+        self, tasks: Iterable[ShardTask], store: markers.MarkerStore
+    ) -> Iterator[ShardOutcome]:
+        import torch
+
+        from training.core.device import peak_rss_bytes
+
+        c, backend, device = self.config, self.backend, self.device
+        tasks = list(tasks)
+        loader, decode = self._loader(tasks)
+        buffers: dict[str, list[tuple[str, str, float]]] = {}
+        started: dict[str, float] = {}
+        t_img, n_img = 0.0, 0
+        # the bare forward, interleaved with the real batches, so both see the same machine
+        ref_x = reference_batch(backend, c.batch_size) if self.reference_every else None
+        t_ref, n_ref, n_batches = 0.0, 0, 0
+        t_loop = time.perf_counter()
+        t_first = None
+        t_wait = 0.0  # blocked on the loader: the data path is the bottleneck when this dominates
+        it = iter(loader)
+        while True:
+            t_w = time.perf_counter()
+            item = next(it, None)
+            if item is None:
+                break
+            t_wait += time.perf_counter() - t_w if t_first else 0.0
+            t_first = t_first or time.perf_counter()
+            kind, sid = item[0], item[1]
+            if sid not in started:
+                started[sid] = time.time()
+                store.mark_running(sid)
+            if kind == "batch":
+                _, _, keys, x, cand = item
+                t0 = time.perf_counter()
+                n_real = x.shape[0]
+                if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
+                    x = torch.cat([x, x.new_zeros((c.batch_size - n_real, *x.shape[1:]))])
+                feats = backend.encode_images(x, on_device=True)[:n_real]
+                # every (image, candidate) pair of the batch in one gathered dot product
+                img_rows = [i for i, cs in enumerate(cand) for _ in cs]
+                ent_rows = [self.index[e] for cs in cand for e in cs]
+                sims = (feats[img_rows] * self.E[ent_rows]).sum(-1).tolist()
+                t_img += time.perf_counter() - t0
+                n_img += len(keys)
+                pairs = [(keys[i], e) for i, cs in enumerate(cand) for e in cs]
+                buffers.setdefault(sid, []).extend(
+                    (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
+                )
+                n_batches += 1
+                if self.reference_every and n_batches % self.reference_every == 0:
+                    t0 = time.perf_counter()
+                    backend.encode_images(ref_x, on_device=True).sum().item()  # .item(): synced
+                    t_ref += time.perf_counter() - t0
+                    n_ref += c.batch_size
+            elif kind == "end":
+                st = markers.ShardStats.from_dict(item[2])
+                self._publish(sid, sorted(buffers.pop(sid, [])), st, started[sid], store)
+                yield ShardOutcome(sid, 1)
+            else:  # fail
+                buffers.pop(sid, None)
+                store.mark_failed(
+                    sid,
+                    item[2],
+                    markers.ShardStats(started_at=started[sid], finished_at=time.time()),
+                )
+                yield ShardOutcome(sid, 1, item[2])
+        self._report = {
+            "rank": self.rank,
+            "device": str(device),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "images": n_img,
+            "model_s": t_img,
+            "loop_s": time.perf_counter() - t_loop,
+            "steady_s": time.perf_counter() - (t_first or time.perf_counter()) - t_ref,
+            "wait_s": t_wait,
+            "reference_s": t_ref,
+            "reference_images": n_ref,
+            "decode": decode,
+        }
+
+    def _publish(self, sid, rows, st: markers.ShardStats, started_at: float, store) -> None:
+        uri = RunLayout(self.run_uri).output(SCORE, sid)
+        table = pa.table(
+            {
+                "key": [r[0] for r in rows],
+                "entity_id": [r[1] for r in rows],
+                "similarity": pa.array([r[2] for r in rows], pa.float32()),
+            },
+            schema=SCORE_SCHEMA,
+        )
+        with storage.open_write(uri) as f:
+            pq.write_table(table, f, compression="zstd")
+        st.n_out = len({r[0] for r in rows})
+        st.bytes_out = storage.size(uri)
+        st.started_at = started_at
+        st.finished_at = time.time()
+        st.duration_s = round(st.finished_at - st.started_at, 3)
+        st.extra = {"pairs": len(rows), "device": str(self.device)}
+        st.host = os.uname().nodename
+        store.mark_done(sid, st)
+
+    def report(self) -> dict[str, Any]:
+        return self._report
+
+    def summarize(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        reports = sorted((r for r in reports if r), key=lambda r: r["rank"])
+        if not reports:
+            return {}
+        n_img = sum(r["images"] for r in reports)
+        out = {
+            "images": n_img,
+            # from the first decoded batch to the last result, per worker, summed over workers
+            "images_per_s_steady": round(
+                sum(r["images"] / r["steady_s"] for r in reports if r.get("steady_s")), 1
+            ),
+            "model_seconds": round(sum(r["model_s"] for r in reports), 2),
+            "worker_peak_rss_bytes": max(r["peak_rss_bytes"] for r in reports),
+            "loader_wait_seconds": round(sum(r["wait_s"] for r in reports), 2),
+            "devices": [r["device"] for r in reports],
+            "decode": sorted({r["decode"] for r in reports}),
+        }
+        if any(r["reference_s"] for r in reports):
+            bare = sum(
+                r["reference_images"] / r["reference_s"] for r in reports if r["reference_s"]
+            )
+            out["bare_forward_images_per_s"] = round(bare, 1)
+            out["end_to_end_over_bare"] = round(out["images_per_s_steady"] / bare, 3)
+        return out

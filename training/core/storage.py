@@ -7,7 +7,13 @@ completes, and an aborted write aborts the upload. Listings never show temporary
 names, so a reader can never see half a shard.
 
 S3 settings come from boto3's usual sources (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
-``AWS_ENDPOINT_URL`` for MinIO/Ceph/moto, ...).
+``AWS_ENDPOINT_URL`` for MinIO/Ceph/moto, ...), retries too: boto3's ``standard`` mode unless
+``AWS_RETRY_MODE`` says otherwise, ``AWS_MAX_ATTEMPTS`` attempts. Every failure of an S3
+request (refused connection, timeout, 5xx after the retries, missing credentials) becomes a
+:class:`StorageError` whose one-line message names the URI and the cause.
+
+A temporary name carries its writer (host and pid): only that writer removes it while it
+lives; :func:`clean_temp` removes the temporary files of writers that are gone.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -29,7 +37,7 @@ _S3_SPOOL_MAX = 64 * 1024 * 1024  # reads below this stay in memory
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed in a way the caller should report as-is."""
+    """A storage operation failed in a way the caller should report as-is (one line)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -78,16 +86,45 @@ def s3_client():
             import boto3
             from botocore.config import Config
 
+            # no max_attempts here: boto3 then takes AWS_MAX_ATTEMPTS from the environment
+            retries = {} if os.environ.get("AWS_RETRY_MODE") else {"mode": "standard"}
             client = boto3.client(
                 "s3",
-                config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+                config=Config(
+                    retries=retries,
+                    connect_timeout=float(os.environ.get("MOFI_S3_CONNECT_TIMEOUT", "10")),
+                    read_timeout=float(os.environ.get("MOFI_S3_READ_TIMEOUT", "60")),
+                ),
             )
             _clients[pid] = client
         return client
 
 
 def _s3_error(uri: str, exc: Exception) -> StorageError:
-    return StorageError(f"S3 request for {uri} failed: {exc}")
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    where = f" (endpoint {endpoint})" if endpoint else ""
+    return StorageError(f"S3 request for {uri} failed{where}: {cause}")
+
+
+def _missing(exc: Exception) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Turn any botocore failure into a one-line StorageError (a 404 into FileNotFoundError)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        if _missing(exc):
+            raise FileNotFoundError(f"no such object: {uri}") from exc
+        raise _s3_error(uri, exc) from exc
+    except BotoCoreError as exc:  # connection refused, timeouts, no credentials, ...
+        raise _s3_error(uri, exc) from exc
 
 
 # --------------------------------------------------------------------------- reads
@@ -96,23 +133,20 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
 def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        from botocore.exceptions import ClientError
-
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            with _s3_errors(uri):
+                s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error(uri, exc) from exc
+        except FileNotFoundError:
+            return False
     return os.path.exists(uri)
 
 
 def size(uri: str) -> int:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        with _s3_errors(uri):
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
     return os.path.getsize(uri)
 
 
@@ -121,17 +155,13 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
     """A seekable binary reader. Missing files raise FileNotFoundError naming the URI."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        from botocore.exceptions import ClientError
-
         spool = tempfile.SpooledTemporaryFile(max_size=_S3_SPOOL_MAX)
         try:
-            s3_client().download_fileobj(bucket, key, spool)
-        except ClientError as exc:
+            with _s3_errors(uri):
+                s3_client().download_fileobj(bucket, key, spool)
+        except BaseException:
             spool.close()
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(f"no such object: {uri}") from exc
-            raise _s3_error(uri, exc) from exc
+            raise
         spool.seek(0)
         try:
             yield spool
@@ -180,10 +210,8 @@ def local_path(uri: str) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix="mofi-", suffix="-" + basename(uri))
     os.close(fd)
     try:
-        try:
+        with _s3_errors(uri):
             s3_client().download_file(bucket, key, tmp)
-        except Exception as exc:  # botocore raises ClientError subclasses here
-            raise FileNotFoundError(f"cannot download {uri}: {exc}") from exc
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -200,18 +228,13 @@ def list_files(prefix: str, suffix: str | None = None, recursive: bool = False) 
         bucket, key = split_s3(prefix)
         if key and not key.endswith("/"):
             key += "/"
-        paginator = s3_client().get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
-        if not recursive:
-            kwargs["Delimiter"] = "/"
-        for page in paginator.paginate(**kwargs):
-            for obj in page.get("Contents", []):
-                name = obj["Key"]
-                if is_temp_name(name) or name.endswith("/"):
-                    continue
-                if suffix and not name.endswith(suffix):
-                    continue
-                out.append(f"s3://{bucket}/{name}")
+        for obj in _s3_list(bucket, key, recursive, prefix):
+            name = obj["Key"]
+            if is_temp_name(name) or name.endswith("/"):
+                continue
+            if suffix and not name.endswith(suffix):
+                continue
+            out.append(f"s3://{bucket}/{name}")
     else:
         if not os.path.isdir(prefix):
             return []
@@ -230,6 +253,47 @@ def list_files(prefix: str, suffix: str | None = None, recursive: bool = False) 
                     continue
                 out.append(os.path.join(prefix, entry.name))
     return sorted(out)
+
+
+def _s3_list(bucket: str, key: str, recursive: bool, uri: str) -> Iterator[dict[str, Any]]:
+    """Every object under ``key`` (paginated), with its Key, Size and ETag."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    with _s3_errors(uri):
+        for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
+            yield from page.get("Contents", [])
+
+
+def list_sizes(prefix: str, suffix: str | None = None) -> dict[str, int]:
+    """URI -> size of the published files directly under ``prefix`` (one listing on S3)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        return {
+            f"s3://{bucket}/{o['Key']}": int(o["Size"])
+            for o in _s3_list(bucket, key, False, prefix)
+            if not is_temp_name(o["Key"]) and (not suffix or o["Key"].endswith(suffix))
+        }
+    if not os.path.isdir(prefix):
+        return {}
+    return {
+        os.path.join(prefix, e.name): e.stat().st_size
+        for e in os.scandir(prefix)
+        if e.is_file() and not is_temp_name(e.name) and (not suffix or e.name.endswith(suffix))
+    }
+
+
+def sha256(uri: str) -> str:
+    """The content's sha256 (streamed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open_read(uri) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------- writes
@@ -263,6 +327,10 @@ class _S3Writer(io.RawIOBase):
         return len(b)
 
     def _upload_part(self, data: bytes) -> None:
+        with _s3_errors(self.uri):
+            self._upload_part_raw(data)
+
+    def _upload_part_raw(self, data: bytes) -> None:
         client = s3_client()
         if self.upload_id is None:
             resp = client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra)
@@ -297,9 +365,23 @@ class _S3Writer(io.RawIOBase):
         self.buf = bytearray()
 
 
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def temp_name_for(path: str) -> str:
+    """``.NAME.tmp-HOST-PID-RANDOM`` beside ``path``: unique to this writer, which owns it."""
     d, name = os.path.split(path)
-    return os.path.join(d, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    return os.path.join(d, f".{name}{TEMP_MARK}{_owner_tag()}-{uuid.uuid4().hex[:12]}")
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the writer of a temporary name, None for a name without an owner."""
+    tail = basename(name).split(TEMP_MARK, 1)[-1]
+    parts = tail.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 @contextlib.contextmanager
@@ -316,10 +398,11 @@ def open_write(uri: str, content_type: str | None = None) -> Iterator[IO[bytes]]
             writer.abort()
             raise
         try:
-            writer.commit()
-        except Exception as exc:
+            with _s3_errors(uri):
+                writer.commit()
+        except BaseException:
             writer.abort()
-            raise _s3_error(uri, exc) from exc
+            raise
         return
     parent = os.path.dirname(os.path.abspath(uri))
     os.makedirs(parent, exist_ok=True)
@@ -357,7 +440,7 @@ def publish_file(local_file: str, uri: str) -> None:
         bucket, key = split_s3(uri)
         from boto3.s3.transfer import TransferConfig
 
-        try:
+        with _s3_errors(uri):
             s3_client().upload_file(
                 local_file,
                 bucket,
@@ -366,8 +449,6 @@ def publish_file(local_file: str, uri: str) -> None:
                     multipart_threshold=S3_PART_SIZE, multipart_chunksize=S3_PART_SIZE
                 ),
             )
-        except Exception as exc:
-            raise _s3_error(uri, exc) from exc
         return
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = temp_name_for(os.path.abspath(uri))
@@ -378,7 +459,8 @@ def publish_file(local_file: str, uri: str) -> None:
 def delete(uri: str) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        with _s3_errors(uri):
+            s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(uri)
@@ -390,15 +472,139 @@ def makedirs(uri: str) -> None:
         os.makedirs(uri, exist_ok=True)
 
 
-def clean_temp(prefix: str) -> int:
-    """Remove leftover local temporary files under ``prefix`` (from killed writers)."""
+def clean_temp(prefix: str, older_than_s: float = 6 * 3600) -> int:
+    """Remove leftover local temporary files under ``prefix`` whose writer is gone: a dead
+    process of this host, or (another host, or a name without an owner) older than
+    ``older_than_s``. A live writer's temporary file is never touched."""
     if is_s3(prefix) or not os.path.isdir(prefix):
         return 0
+    host = socket.gethostname()
+    now = time.time()
     n = 0
     for root, _dirs, files in os.walk(prefix):
         for name in files:
-            if TEMP_MARK in name:
+            if TEMP_MARK not in name:
+                continue
+            path = os.path.join(root, name)
+            owner = temp_owner(name)
+            if owner and owner[0] == host:
+                gone = not _pid_alive(owner[1])
+            else:
+                try:
+                    gone = now - os.path.getmtime(path) > older_than_s
+                except FileNotFoundError:
+                    continue
+            if gone:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(root, name))
+                    os.remove(path)
                     n += 1
     return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# ---------------------------------------------------------------- exclusive writes
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Publish ``data`` at ``uri`` only if nothing is there; False when something is.
+
+    Local: the whole file is written under a temporary name, then hard-linked into place
+    (``link`` fails when the name exists), so a reader sees all of it or nothing. S3: a
+    conditional PUT (``If-None-Match: *``)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            with _s3_errors(uri):
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+                "409",
+            ):
+                return False
+            raise
+    parent = os.path.dirname(os.path.abspath(uri))
+    os.makedirs(parent, exist_ok=True)
+    tmp = temp_name_for(os.path.abspath(uri))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, uri)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
+def replace_if_unchanged(uri: str, expected: Any, data: bytes) -> bool:
+    """Replace the JSON at ``uri`` with ``data`` only if it still equals ``expected`` (taking
+    over an expired lease); False when someone else changed it first."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            with _s3_errors(uri):
+                head = s3_client().get_object(Bucket=bucket, Key=key)
+                current = json.loads(head["Body"].read())
+        except FileNotFoundError:
+            return create_exclusive(uri, data)
+        if current != expected:
+            return False
+        try:
+            with _s3_errors(uri):
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=head["ETag"])
+            return True
+        except StorageError:
+            return False
+    grave = temp_name_for(os.path.abspath(uri))
+    try:
+        os.rename(uri, grave)  # only one taker can move it away
+    except FileNotFoundError:
+        return create_exclusive(uri, data)
+    try:
+        with open(grave, "rb") as f:
+            current = json.loads(f.read() or b"null")
+    except ValueError:
+        current = None
+    if current != expected:  # it changed under us: put it back, we did not take it
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, uri)
+        os.remove(grave)
+        return False
+    os.remove(grave)
+    return create_exclusive(uri, data)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, naming ``uri``, when an output root cannot be written (before any compute)."""
+    probe = join(uri, f"{TEMP_MARK}probe-{_owner_tag()}-{uuid.uuid4().hex[:8]}")
+    if is_s3(uri):
+        bucket, key = split_s3(probe)
+        with _s3_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=b"")
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    try:
+        os.makedirs(uri, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise StorageError(f"cannot write to {uri}: {exc.strerror or exc}") from exc

@@ -108,3 +108,84 @@ def test_join_and_split():
     with pytest.raises(storage.StorageError):
         storage.split_s3("/local/path")
     assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+
+
+def test_exclusive_create_publishes_once(storage_root):
+    uri = storage.join(storage_root, "claims", "x.json")
+    assert storage.create_exclusive(uri, b'{"a": 1}')
+    assert not storage.create_exclusive(uri, b'{"a": 2}')
+    assert storage.read_json(uri) == {"a": 1}
+    # replace only what is still as we read it
+    assert not storage.replace_if_unchanged(uri, {"a": 9}, b'{"a": 3}')
+    assert storage.replace_if_unchanged(uri, {"a": 1}, b'{"a": 3}')
+    assert storage.read_json(uri) == {"a": 3}
+    assert storage.list_files(storage.join(storage_root, "claims")) == [uri]
+
+
+def test_temp_names_carry_their_writer_and_only_dead_writers_are_cleaned(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    mine = storage.temp_name_for(str(tmp_path / "a.tar"))
+    assert storage.temp_owner(mine) == (host, os.getpid())
+    theirs = tmp_path / f".b.tar{storage.TEMP_MARK}{host}-{dead_pid}-abcdef012345"
+    for p in (mine, theirs):
+        open(p, "wb").close()
+    assert storage.clean_temp(str(tmp_path)) == 1  # the dead writer's file only
+    assert os.path.exists(mine) and not theirs.exists()
+
+
+def test_unwritable_output_is_named_before_any_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+            target = str(tmp_path / "file" / "out")
+            (tmp_path / "file").write_text("x")
+        else:
+            target = str(ro / "out")
+        with pytest.raises(storage.StorageError, match="cannot write to " + target):
+            storage.check_writable(target)
+    finally:
+        os.chmod(ro, 0o700)
+    storage.check_writable(str(tmp_path / "fine"))
+    assert os.listdir(tmp_path / "fine") == []
+
+
+def test_unreachable_s3_endpoint_is_one_clear_error(monkeypatch):
+    """Connection refused, after boto3's standard retries (AWS_MAX_ATTEMPTS honoured)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    storage._clients.clear()
+    try:
+        t0 = time.time()
+        for call in (
+            lambda: storage.exists("s3://bucket/x"),
+            lambda: storage.list_files("s3://bucket/prefix"),
+            lambda: storage.write_bytes("s3://bucket/y", b"1"),
+            lambda: storage.read_bytes("s3://bucket/z"),
+        ):
+            with pytest.raises(storage.StorageError) as err:
+                call()
+            msg = str(err.value)
+            assert "\n" not in msg and "s3://bucket/" in msg and f"127.0.0.1:{port}" in msg
+        assert time.time() - t0 < 60
+        assert storage.s3_client().meta.config.retries.get("total_max_attempts") in (None, 2)
+    finally:
+        storage._clients.clear()

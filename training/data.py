@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -50,10 +51,16 @@ from PIL import Image
 from .core import storage
 from .core.config import ConfigError
 from .core.i2e import VOCAB_FILE, I2ELayout
+from .core.lease import die_with_parent
 from .transforms import as_rgb, resize_center_crop, to_uint8_tensor
 
 log = logging.getLogger(__name__)
+REBUILD = ": the I2E version is damaged; rebuild it with `mofi write` (intact shards are kept)"
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is a counted skip, not an OOM
+
+
+class DamagedShard(RuntimeError):
+    """An I2E shard does not hold what the manifest says."""
 
 
 @dataclasses.dataclass
@@ -85,7 +92,9 @@ class I2EManifest:
         return h[:12]
 
 
-def load_manifest(i2e_uri: str) -> I2EManifest:
+def load_manifest(i2e_uri: str, verify: bool = False) -> I2EManifest:
+    """The manifest of an I2E root, checked. ``verify``: also compare every tar's size with the
+    one its write marker recorded (one small read per shard: done once, before training)."""
     if not i2e_uri:
         raise ConfigError("no I2E URI given (--i2e)")
     layout = I2ELayout(i2e_uri)
@@ -99,12 +108,18 @@ def load_manifest(i2e_uri: str) -> I2EManifest:
     sizes = storage.read_json(sizes_uri)
     if not isinstance(sizes, dict) or not sizes:
         raise ConfigError(f"{sizes_uri} lists no shards: the I2E version is empty")
-    tars = set(storage.list_files(i2e_uri, suffix=".tar"))
+    tars = storage.list_sizes(i2e_uri, suffix=".tar")
     shards = []
     for name in sorted(sizes):
         uri = storage.join(i2e_uri, name)
         if uri not in tars:
             raise ConfigError(f"{sizes_uri} lists {name}, which is not in {i2e_uri}")
+        recorded = layout.recorded_size(name) if verify else None
+        if recorded is not None and recorded != tars[uri]:
+            raise ConfigError(
+                f"I2E shard {uri} has {tars[uri]} bytes, its write marker recorded {recorded}"
+                + REBUILD
+            )
         n = sizes[name]
         if not isinstance(n, int) or n < 0:
             raise ConfigError(f"{sizes_uri}: {name} has an invalid size {n!r}")
@@ -249,11 +264,20 @@ class I2EBatches(torch.utils.data.IterableDataset):
         mine = assign_shards(sp.shards, sp.world_size, sp.seed, sp.epoch)[sp.rank]
         w = max(1, sp.num_workers)
         i = 0
-        for uri, _ in mine:
-            for sample in read_tar_samples(uri):
-                if i % w == worker:
-                    yield sample
-                i += 1
+        for uri, expected in mine:
+            seen = 0
+            try:
+                for sample in read_tar_samples(uri):
+                    seen += 1
+                    if i % w == worker:
+                        yield sample
+                    i += 1
+            except (OSError, EOFError, ValueError, tarfile.TarError) as exc:
+                raise DamagedShard(f"I2E shard {uri} is unreadable: {exc}{REBUILD}") from exc
+            if seen != expected:  # never pad a damaged version by repeating other samples
+                raise DamagedShard(
+                    f"I2E shard {uri} holds {seen} samples, sizes.json says {expected}{REBUILD}"
+                )
 
     def _shuffled(self, worker: int) -> Iterator[dict[str, Any]]:
         sp = self.spec
@@ -349,7 +373,8 @@ class I2EBatches(torch.utils.data.IterableDataset):
         }
 
 
-def _lower_priority(_worker_id: int) -> None:
+def _init_loader_worker(_worker_id: int) -> None:
+    die_with_parent()  # a loader never outlives its rank
     # Decoding is a few percent of a training step's CPU time: where cores are scarce, the
     # trainer's compute threads should win every contention with a loader worker.
     try:
@@ -366,7 +391,7 @@ def make_loader(spec: LoaderSpec, start_method: str = "fork") -> torch.utils.dat
             "multiprocessing_context": start_method,
             "prefetch_factor": 2,
             "persistent_workers": False,
-            "worker_init_fn": _lower_priority,
+            "worker_init_fn": _init_loader_worker,
         }
     return torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=spec.num_workers, pin_memory=False, **kwargs

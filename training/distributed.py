@@ -73,6 +73,37 @@ def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def clip_grad_norm_(
+    replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float, info: DistInfo
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over parameters some of which are sharded over ranks.
+
+    ``replicated`` gradients are the same on every rank (DDP averaged them); ``sharded`` ones
+    (the Partial-FC head's class slices) are each rank's own part of one whole. The norm is
+    that of the whole gradient, so every rank scales by the same factor: clipping each rank by
+    its local norm would let the replicated weights drift apart between ranks (and a resumed
+    run, which gives every rank rank 0's weights, would then differ from the uninterrupted one).
+    """
+    grads = [p.grad for p in replicated if p.grad is not None]
+    shard = [p.grad for p in sharded if p.grad is not None]
+    dev = (grads or shard)[0].device if (grads or shard) else info.device
+    sq = torch.zeros((), dtype=torch.float32, device=dev)
+    if grads:
+        sq = sq + torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+        ).pow(2)
+    shard_sq = torch.zeros((), dtype=torch.float32, device=dev)
+    if shard:
+        shard_sq = shard_sq + sum(g.detach().float().pow(2).sum() for g in shard)
+    if info.world_size > 1 and sharded:
+        dist.all_reduce(shard_sq)
+    total = (sq + shard_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads + shard:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

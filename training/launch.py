@@ -15,9 +15,11 @@ from typing import Any
 from .config import TrainConfig
 from .core import storage
 from .core.config import ConfigError
+from .core.lease import Lease, die_with_parent
 from .train import preflight
 
 log = logging.getLogger(__name__)
+LEASE_FILE = "_lease.json"
 
 
 def _local_addresses() -> set[str]:
@@ -88,5 +90,9 @@ def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> di
     if dry_run:
         print(" ".join(cmd))
         return {"rc": 0, "command": cmd}
-    rc = subprocess.call(cmd)
+    # One run per --out: a second launcher is refused, naming this one; a dead launcher's
+    # lease expires. torchrun dies with this process, each rank with torchrun, each loader
+    # with its rank: a killed launcher never leaves ranks writing into --out.
+    with Lease(storage.join(out, LEASE_FILE), what="mofi train").acquire():
+        rc = subprocess.call(cmd, preexec_fn=die_with_parent)
     return {"rc": rc, "command": cmd, "model": storage.join(out, "model.pt")}

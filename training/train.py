@@ -22,6 +22,13 @@ Nothing here imports Airflow, Spark or pipeline_tasks.
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("TORCHELASTIC_RUN_ID"):  # first thing, before the slow imports below:
+    from .core.lease import die_with_parent  # a rank never outlives its torchrun agent
+
+    die_with_parent()
+
 import argparse
 import contextlib
 import json
@@ -462,8 +469,12 @@ class Trainer:
         """Schedule, clip, step; returns the learning rate used."""
         lr = self._apply_schedule()
         if self.config.optim.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+            sharded = list(self.head.parameters()) if self.sharded else []
+            ids = {id(p) for p in sharded}
+            replicated = [
+                p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ids
+            ]
+            dist_mod.clip_grad_norm_(replicated, sharded, self.config.optim.grad_clip, self.info)
         self.optimizer.step()
         self.step += 1
         return lr
@@ -537,7 +548,7 @@ def check_resumable(payload: dict[str, Any], config: TrainConfig, manifest, uri:
 
 def preflight(config: TrainConfig, i2e_uri: str, out_uri: str) -> dict[str, Any]:
     """Every check that can fail before compute is spent (also run by `mofi train`)."""
-    manifest = data_mod.load_manifest(i2e_uri)
+    manifest = data_mod.load_manifest(i2e_uri, verify=True)
     world = config.dist.nproc_per_node * config.dist.nnodes
     plan = epoch_plan(config, manifest, world)
     if config.loss.uses_class and config.loss.sharded_head and manifest.num_classes < world:
@@ -578,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer = Trainer(config, args.i2e, args.out)
         result = trainer.run()
-    except (cfg.ConfigError, FileNotFoundError) as exc:
+    except (cfg.ConfigError, FileNotFoundError, data_mod.DamagedShard) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

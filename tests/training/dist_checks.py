@@ -66,12 +66,37 @@ def check_contrastive(rank: int, ws: int, batch: int = 6, dim: int = 8) -> None:
     torch.testing.assert_close(t.grad / ws, tr.grad[sl], **TOL)
 
 
+def check_clip(rank: int, ws: int, n_classes: int = 7, dim: int = 5) -> None:
+    """Clipping a replicated + sharded gradient scales every rank by the whole gradient's
+    norm, as clipping the unsharded parameters in one process does."""
+    from training.distributed import DistInfo, clip_grad_norm_
+    from training.losses import class_range
+
+    g = torch.Generator().manual_seed(11)
+    rep_grad = torch.randn(4, 3, generator=g) * 3  # the same on every rank (DDP-averaged)
+    head_grad = torch.randn(n_classes, dim, generator=g) * 5
+    ref_rep = torch.nn.Parameter(torch.zeros(4, 3))
+    ref_head = torch.nn.Parameter(torch.zeros(n_classes, dim))
+    ref_rep.grad, ref_head.grad = rep_grad.clone(), head_grad.clone()
+    want = torch.nn.utils.clip_grad_norm_([ref_rep, ref_head], 1.0)
+    lo, hi = class_range(n_classes, rank, ws)
+    rep = torch.nn.Parameter(torch.zeros(4, 3))
+    head = torch.nn.Parameter(torch.zeros(hi - lo, dim))
+    rep.grad, head.grad = rep_grad.clone(), head_grad[lo:hi].clone()
+    info = DistInfo(rank, rank, ws, torch.device("cpu"))
+    got = clip_grad_norm_([rep], [head], 1.0, info)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(rep.grad, ref_rep.grad, **TOL)  # identical on every rank
+    torch.testing.assert_close(head.grad, ref_head.grad[lo:hi], **TOL)
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
     for n_classes, batch in ((8, 5), (7, 4), (101, 3)):  # 7 and 101: unequal shards
         check_head(rank, ws, n_classes, batch)
     check_contrastive(rank, ws)
+    check_clip(rank, ws)
     dist.barrier()
     if rank == 0:
         print("dist checks passed")

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+from training.core import storage
+
 from . import ner, scoring, vocab, write
 from .recipes import PipelineConfig
 
@@ -22,6 +24,8 @@ def build_i2e(
     p: PipelineConfig, raw_uri: str, kb_uri: str, run_uri: str, i2e_uri: str, progress: bool = True
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    for root in (run_uri, i2e_uri):  # before any compute: a bad output is found at once
+        storage.check_writable(root)
 
     def step(name: str, fn, *args, **kw):
         t0 = time.time()

@@ -135,6 +135,19 @@ def cmd_fetch_stamps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_photos(args: argparse.Namespace) -> int:
+    from pipeline_tasks.demo import photos
+
+    r = photos.write_eval_folder(args.out, photos_dir=args.cache, classes=args.classes)
+    skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
+    print(
+        f"photos: {r['images']} images, {r['classes']} classes (by {r['classes_by']}) in "
+        f"{r['out_dir']}; skipped: {skipped}; dropped {r['dropped_classes']} classes with "
+        f"fewer than 2 photos ({r['dropped_images']} images); cache {r['source']}"
+    )
+    return 0
+
+
 def _bundle(args: argparse.Namespace):
     from pipeline_tasks import recipes
 
@@ -269,14 +282,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         summaries = status.summarize_run(args.run)
         if args.json:
-            print(json.dumps({"run": args.run, "stages": summaries}, indent=2, sort_keys=True))
+            print(status.to_json(args.run, summaries))
         else:
             print(status.render(summaries, args.run))
         if not args.watch:
             break
         time.sleep(args.watch)
         print()
-    return 1 if any(s["failed"] for s in summaries) else 0
+    return 1 if any(s["failed"] or s["invalid"] for s in summaries) else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -445,6 +458,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_fetch_stamps)
 
+    s = sub.add_parser(
+        "photos",
+        help="write an out-of-domain evaluation folder of real photographs (GPR1200 naming)",
+    )
+    s.add_argument("--out", required=True, help="evaluation folder to write (replaced whole)")
+    s.add_argument(
+        "--cache",
+        default=None,
+        help="photo cache folder (default: $MOFI_DATA_DIR/photos, else data/photos in the repo)",
+    )
+    s.add_argument(
+        "--classes",
+        choices=["food", "group"],
+        default="food",
+        help="a class per food (default; Mango, Brinjal, ...) or per food group (20 classes)",
+    )
+    s.set_defaults(fn=cmd_photos)
+
     def stage_parser(name: str, help: str, raw: bool = True, kb: bool = True):
         sp = sub.add_parser(name, help=help)
         if raw:
@@ -598,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_results)
 
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
-    s.add_argument("run", help="run root URI (its direct sub-folders are scanned too)")
+    s.add_argument("run", help="run or build root URI (stages are found at any depth below it)")
     s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
     s.add_argument(
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
@@ -615,10 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(0 if args.quiet else args.verbose)
+    from training.core.storage import StorageError
+
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"mofi {args.cmd}: error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, StorageError) as exc:
+        # bad input, configuration or storage (unreachable endpoint, no permission): one line
+        msg = " ".join(str(exc).split())
+        print(f"mofi {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a stage failed; its markers say which shards
         print(f"mofi {args.cmd}: failed: {exc}", file=sys.stderr)

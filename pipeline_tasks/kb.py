@@ -300,6 +300,7 @@ def clean_rows(rows: Iterable[dict[str, Any]], stats: markers.ShardStats) -> lis
 
 def build_kb(config: KBConfig, out_uri: str, progress: bool = False) -> markers.ShardStats:
     """Write ``OUT/entities.parquet`` from the configured sources; returns the stats."""
+    storage.check_writable(out_uri)
     store = markers.MarkerStore(out_uri, "kb")
     store.write_plan(["00000"], {"sources": list(config.sources)})
     with markers.ShardRun(store, "00000") as run:
@@ -329,7 +330,7 @@ def build_kb(config: KBConfig, out_uri: str, progress: bool = False) -> markers.
         uri = storage.join(out_uri, ENTITIES_FILE)
         with storage.open_write(uri) as f:
             pq.write_table(table, f, compression="zstd")
-        run.stats.bytes_out = storage.size(uri)
+        markers.record_outputs(run.stats, out_uri, [uri])
         run.stats.extra = {"per_source": per_source, "types": _count(r["type"] for r in clean)}
         config.save(out_uri)
     return run.stats

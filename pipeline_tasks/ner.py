@@ -25,7 +25,7 @@ from training.core import storage
 
 from . import raw as raw_mod
 from .linking import LinkerConfig
-from .runtime.executor import StageResult
+from .runtime.executor import ShardTask, StageResult, pending_tasks, stage_lease
 from .runtime.layout import NER, RunLayout
 from .runtime.spark import SparkConfig, run_spark_job
 
@@ -49,8 +49,14 @@ def run_ner(
 
     load_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
     shards, problems = raw_mod.discover(raw_uri)
+    storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
     store = layout.store(STAGE)
+    with stage_lease(store):
+        return _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress)
+
+
+def _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress) -> StageResult:
     out = layout.stage_dir(STAGE)
     store.write_plan(
         [s.shard for s in shards],
@@ -62,32 +68,37 @@ def run_ner(
         },
     )
     config.save(out)
-    todo = [s for s in shards if not store.is_done(s.shard)]
+    result = StageResult(stage=STAGE, out=out, shards=len(shards), skipped_shards=problems)
+    todo = pending_tasks(
+        store, [ShardTask(s.shard, 1, {"parquet": s.parquet}) for s in shards], result
+    )
     t0 = time.time()
     if todo:
         spec = {
             "kb_uri": kb_uri,
-            "run_uri": run_uri,
-            "shards": [[s.shard, s.parquet] for s in todo],
+            "run_uri": layout.root,
+            "shards": [[t.shard, t.data["parquet"]] for t in todo],
             "config": config.to_dict(),
             "partitions": config.spark.partitions,
         }
         storage.clean_temp(out)
-        run_spark_job(JOB_SCRIPT, spec, config.spark, STAGE, store, len(todo), progress)
+        run_spark_job(
+            JOB_SCRIPT,
+            spec,
+            config.spark,
+            STAGE,
+            store,
+            [t.shard for t in todo],
+            progress,
+            layout.local_work_dir(),
+        )
     recs = store.read_all()
-    res = StageResult(
-        stage=STAGE,
-        out=out,
-        shards=len(shards),
-        processed=len(todo),
-        skipped_shards=problems,
-        seconds=round(time.time() - t0, 2),
-    )
+    result.processed = len(todo)
+    result.seconds = round(time.time() - t0, 2)
     for s in shards:
-        state = recs.get(s.shard, {}).get("state")
-        if state != "done":
-            res.failed[s.shard] = recs.get(s.shard, {}).get("error") or "not finished"
-    return res
+        if recs.get(s.shard, {}).get("state") != "done":
+            result.failed[s.shard] = recs.get(s.shard, {}).get("error") or "not finished"
+    return result
 
 
 def planned_raw_shards(

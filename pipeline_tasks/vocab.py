@@ -22,8 +22,9 @@ from training.core import config as cfg
 from training.core import storage
 from training.core.i2e import VOCAB_FILE
 
-from .runtime.executor import StageResult
+from .runtime.executor import StageResult, stage_lease
 from .runtime.layout import LABELS, SCORE, VOCAB, RunLayout
+from .runtime.markers import verify_done
 from .runtime.spark import SparkConfig, run_spark_job
 
 STAGE = VOCAB
@@ -78,18 +79,26 @@ def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = T
     from .kb import load_kb
 
     load_kb(kb_uri)
+    storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
+    with stage_lease(layout.store(STAGE)):
+        return _run_vocab(config, layout, kb_uri, progress)
+
+
+def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bool) -> StageResult:
     score_store = layout.store(SCORE)
     plan = score_store.read_plan()
     if not plan:
         raise FileNotFoundError(
             f"no score stage under {layout.stage_dir(SCORE)}: run `mofi score` first"
         )
-    done = [s for s in plan["shards"] if score_store.is_done(s)]
+    checked = verify_done(score_store, plan["shards"])
+    done = [s for s in plan["shards"] if checked[s] is None]
     pending = [s for s in plan["shards"] if s not in done]
     if pending:
         raise FileNotFoundError(
-            f"score is not finished ({len(pending)} of {len(plan['shards'])} shards pending, e.g. {pending[:3]}): finish `mofi score` first"
+            f"score is not finished ({len(pending)} of {len(plan['shards'])} shards pending, e.g. "
+            f"{ {s: checked[s] for s in pending[:3]} }): finish `mofi score` first"
         )
     vocab_dir, labels_dir = layout.stage_dir(STAGE), layout.stage_dir(LABELS_STAGE)
     vstore, lstore = layout.store(STAGE), layout.store(LABELS_STAGE)
@@ -104,22 +113,40 @@ def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = T
         raise cfg.ConfigError(
             f"{vocab_dir} was built with another vocab config; use a new run URI or delete {vocab_dir} and {labels_dir}"
         )
-    if vstore.is_done("00000") and all(lstore.is_done(s) for s in done):
+    vcheck = verify_done(vstore, ["00000"])["00000"]
+    lcheck = verify_done(lstore, done)
+    if vcheck is None and all(v is None for v in lcheck.values()):
         result.extra.update(
             skipped=True, vocab=layout.vocab_file, **(vstore.read_done("00000").extra or {})
         )
         return result
+    stale = {s: p for s, p in {"vocab": vcheck, **lcheck}.items() if p and p != "no done marker"}
+    if stale:  # a published file no longer matches its marker: the whole job runs again
+        result.redone.update(stale)
+    for s in done:
+        lstore.unmark_done(s)
+    vstore.unmark_done("00000")
     vstore.write_plan(["00000"])
     lstore.write_plan(done)
     config.save(vocab_dir)
     spec = {
         "score_files": [[s, layout.output(SCORE, s)] for s in done],
         "kb_uri": kb_uri,
-        "run_uri": run_uri,
+        "run_uri": layout.root,
         "config": config.to_dict(),
     }
     t0 = time.time()
-    run_spark_job(JOB_SCRIPT, spec, config.spark, STAGE, lstore, len(done), progress)
+    run_spark_job(
+        JOB_SCRIPT,
+        spec,
+        config.spark,
+        STAGE,
+        lstore,
+        done,
+        progress,
+        layout.local_work_dir(),
+        extra_stores=[(vstore, ["00000"])],
+    )
     result.processed = len(done)
     result.seconds = round(time.time() - t0, 2)
     st = vstore.read_done("00000")

@@ -29,8 +29,9 @@ from training.core.i2e import I2ELayout
 from . import raw as raw_mod
 from .ner import planned_raw_shards
 from .runtime import markers
-from .runtime.executor import ShardStage, ShardTask, StageResult, run_shards
+from .runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
 from .runtime.layout import LABELS, WRITE, RunLayout
+from .runtime.markers import verify_done
 from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class WriteStage(ShardStage):
         pq_uri = i2e.sidecar(out_id)
         with storage.open_write(pq_uri) as f:
             pq.write_table(side, f, compression="zstd")
-        stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
+        markers.record_outputs(stats, self.i2e_uri, [tar_uri, pq_uri])
 
 
 def run_write(
@@ -188,7 +189,14 @@ def run_write(
 ) -> StageResult:
     """Writes the pending output shards (or those in ``only``); once every shard is done,
     publishes the manifest (``sizes.json``), the vocabulary and ``_info.json``."""
+    storage.check_writable(i2e_uri)
     layout = RunLayout(run_uri)
+    with stage_lease(markers.MarkerStore(i2e_uri, STAGE), only):
+        return _run_write(c, raw_uri, layout, i2e_uri, progress, only)
+
+
+def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
+    run_uri = layout.root
     i2e = I2ELayout(i2e_uri)
     shards, problems = planned_raw_shards(layout, raw_uri)
     lstore = layout.store(LABELS)
@@ -197,10 +205,12 @@ def run_write(
         raise FileNotFoundError(
             f"no labels under {layout.stage_dir(LABELS)}: run `mofi vocab` first"
         )
-    not_done = [s for s in lplan["shards"] if not lstore.is_done(s)]
+    checked = verify_done(lstore, lplan["shards"])
+    not_done = {s: p for s, p in checked.items() if p is not None}
     if not_done:
         raise FileNotFoundError(
-            f"labels are incomplete ({len(not_done)} shards pending): finish `mofi vocab` first"
+            f"labels are incomplete ({len(not_done)} shards: {dict(list(not_done.items())[:3])}): "
+            "finish `mofi vocab` first"
         )
     vocab = load_vocab(layout.vocab_file)
     n_classes = vocab.num_rows

@@ -44,7 +44,7 @@ from training.core import storage
 from .. import kb as kb_mod
 from ..raw import add_tar_member
 from ..runtime import markers
-from ..runtime.executor import ShardStage, ShardTask, StageResult, run_shards
+from ..runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
 from ..runtime.layout import sibling
 from . import stamps as stamps_mod
 
@@ -622,9 +622,14 @@ class CorpusStage(ShardStage):
         pq_uri = storage.join(out, f"{sid}.parquet")
         with storage.open_write(pq_uri) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), f)
-        with storage.open_write(storage.join(self.truth_dir, f"{sid}.parquet")) as f:
+        truth_uri = storage.join(self.truth_dir, f"{sid}.parquet")
+        with storage.open_write(truth_uri) as f:
             pq.write_table(pa.Table.from_pylist(truth, schema=TRUTH_SCHEMA), f)
-        stats.bytes_out = storage.size(tar_uri) + storage.size(pq_uri)
+        markers.record_outputs(stats, out, [tar_uri, pq_uri])
+        markers.record_outputs(stats, out, [truth_uri])
+        stats.bytes_out = (
+            stats.outputs[f"{sid}.tar"]["size"] + stats.outputs[f"{sid}.parquet"]["size"]
+        )
         stats.extra = {
             "with_entity": sum(1 for t in truth if t["true_entity_ids"]),
             "distractors": sum(len(t["distractor_entity_ids"]) for t in truth),
@@ -720,7 +725,15 @@ def build_corpus(
 ) -> StageResult:
     eval_dir = eval_out or sibling(out_uri, "eval")
     truth_dir = truth_out or sibling(out_uri, "truth")
+    for root in (out_uri, eval_dir, truth_dir):
+        storage.check_writable(root)
     prep = prepare(c, kb_uri)
+    store = markers.MarkerStore(out_uri, STAGE)
+    with stage_lease(store):
+        return _build(c, out_uri, eval_dir, truth_dir, prep, store, progress)
+
+
+def _build(c, out_uri, eval_dir, truth_dir, prep, store, progress) -> StageResult:
     storage.makedirs(out_uri)
     c.save(out_uri)
     # The pictures' own bookkeeping: how many pairs the source had and why some were skipped.
@@ -743,7 +756,6 @@ def build_corpus(
         pq.write_table(pa.Table.from_pylist(link_rows), f)
     n_eval, n_classes = _write_eval(prep["held"], prep["stamps_dir"], eval_dir, c)
 
-    store = markers.MarkerStore(out_uri, STAGE)
     all_shards = list(range(c.num_shards))
     store.write_plan([markers.shard_id(s) for s in all_shards], {"pairs": c.pairs, "seed": c.seed})
     storage.clean_temp(out_uri)

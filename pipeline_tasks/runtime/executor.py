@@ -20,6 +20,7 @@ and report through the same markers and the same :class:`StageResult`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -30,8 +31,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from training.core.config import ConfigError
+from training.core.lease import Lease, die_with_parent
 
-from .markers import MarkerStore, ShardRun, ShardStats
+from .markers import MarkerStore, ShardBusy, ShardRun, ShardStats, verify_done
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,16 @@ class StageResult:
     shards: int = 0  # planned
     processed: int = 0  # attempted by this call
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # shards another live run is processing right now (not failed, not done either)
+    busy: dict[str, str] = dataclasses.field(default_factory=dict)
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)  # done markers that lied
     skipped_shards: dict[str, str] = dataclasses.field(default_factory=dict)  # bad input
     seconds: float = 0.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.busy
 
     def raise_if_failed(self) -> None:
         if self.failed:
@@ -63,6 +68,12 @@ class StageResult:
             raise StageFailed(
                 f"{self.stage} failed on {len(self.failed)} shard(s): {first}; "
                 f"see `mofi status {self.out}`, fix the cause and re-run (done shards are kept)"
+            )
+        if self.busy:
+            first = dict(list(self.busy.items())[:3])
+            raise StageFailed(
+                f"{self.stage}: {len(self.busy)} shard(s) are being processed by another run "
+                f"({first}); wait for it and re-run"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +106,7 @@ class ShardOutcome:
     shard: str
     units: int = 0
     error: str | None = None
+    busy: str | None = None  # another live process holds the shard
 
 
 def error_text(exc: BaseException) -> str:
@@ -132,27 +144,18 @@ class ShardStage:
 
     def process_all(self, tasks: Iterable[ShardTask], store: MarkerStore) -> Iterator[ShardOutcome]:
         for task in tasks:
-            run = ShardRun(store, task.shard)
+            run = ShardRun(store, task.shard, claim=True)
             try:
                 with run:
                     self.process(task, run.stats)
+            except ShardBusy as exc:  # another run has it: not ours to do, not a failure
+                yield ShardOutcome(task.shard, 0, busy=str(exc))
+                continue
             except Exception as exc:  # the failed marker holds it; the other shards go on
                 log.error("%s shard %s failed: %s", self.name, task.shard, exc)
                 yield ShardOutcome(task.shard, task.units, error_text(exc))
                 continue
             yield ShardOutcome(task.shard, task.units or run.stats.n_in)
-
-
-def _die_with_parent() -> None:
-    """A worker must not outlive a killed driver (it would keep writing into the output)."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _queue_tasks(q) -> Iterator[ShardTask]:
@@ -164,7 +167,7 @@ def _queue_tasks(q) -> Iterator[ShardTask]:
 
 
 def _worker_main(stage: ShardStage, rank: int, world: int, store_args, tasks, task_q, out_q):
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=logging.WARNING)
     store = MarkerStore(*store_args)
     try:
@@ -196,15 +199,15 @@ def run_shards(
     progress: bool = True,
     result: StageResult | None = None,
 ) -> StageResult:
-    """Process the tasks whose done marker is missing (restricted to ``only`` when given)."""
+    """Process the tasks that are not complete (restricted to ``only`` when given): no done
+    marker, or one whose outputs no longer match it."""
     from tqdm import tqdm
 
     t0 = time.time()
     res = result or StageResult(stage=stage.name, out=store.root, shards=len(tasks))
     wanted = set(only) if only is not None else None
-    todo = [
-        t for t in tasks if (wanted is None or t.shard in wanted) and not store.is_done(t.shard)
-    ]
+    mine = [t for t in tasks if wanted is None or t.shard in wanted]
+    todo = pending_tasks(store, mine, res)
     res.processed = len(todo)
     outcomes: dict[str, ShardOutcome] = {}
     reports: list[dict[str, Any]] = []
@@ -231,19 +234,54 @@ def run_shards(
                 _run_spawned(stage, store, todo, world, outcomes, reports, bar)
         finally:
             bar.close()
-    # every planned shard still not done is failed: by this call, an earlier one, or a death
-    for t in tasks:
-        if wanted is not None and t.shard not in wanted:
-            continue
+    # every planned shard still not done is failed (by this call, an earlier one, or a
+    # death), unless another live run is on it
+    recs = None
+    for t in mine:
         o = outcomes.get(t.shard)
-        if o is not None and o.error:
+        if o is not None and o.busy:
+            res.busy[t.shard] = o.busy
+        elif o is not None and o.error:
             res.failed[t.shard] = o.error
         elif not store.is_done(t.shard):
-            rec = store.read_all().get(t.shard, {})
-            res.failed[t.shard] = rec.get("error") or "not finished"
+            recs = recs if recs is not None else store.read_all()
+            res.failed[t.shard] = recs.get(t.shard, {}).get("error") or "not finished"
     res.extra.update(stage.summarize(reports) if reports else {})
     res.seconds = round(time.time() - t0, 2)
     return res
+
+
+def pending_tasks(store: MarkerStore, tasks: list[ShardTask], res: StageResult) -> list[ShardTask]:
+    """The tasks to (re)do: no done marker, or one whose outputs no longer match it (that
+    marker is withdrawn and the reason noted in ``res.redone``)."""
+    problems = verify_done(store, [t.shard for t in tasks])
+    todo = []
+    for t in tasks:
+        problem = problems.get(t.shard, "no done marker")
+        if problem is None:
+            continue
+        if problem != "no done marker":
+            log.warning("%s shard %s is redone: %s", store.stage, t.shard, problem)
+            res.redone[t.shard] = problem
+            store.unmark_done(t.shard)
+        todo.append(t)
+    return todo
+
+
+@contextlib.contextmanager
+def stage_lease(store: MarkerStore, only: Iterable[str] | None = None) -> Iterator[None]:
+    """One whole-stage run per output root and stage at a time (a second one is refused,
+    naming the holder). A run limited to some shards (``only``: an Airflow mapped task) shares
+    the stage with its siblings: the per-shard claims keep them apart."""
+    if only is not None:
+        yield
+        return
+    lease = Lease(store.lease_uri, what=f"{store.stage} of {store.root}")
+    lease.acquire()
+    try:
+        yield
+    finally:
+        lease.release()
 
 
 def _run_spawned(stage, store, todo, world, outcomes, reports, bar) -> None:

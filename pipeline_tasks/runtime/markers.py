@@ -3,28 +3,32 @@
 Layout under a stage's output root::
 
     ROOT/_markers/STAGE/_plan.json            shard ids the stage will process
-    ROOT/_markers/STAGE/SHARD.running.json    written when a worker starts a shard
+    ROOT/_markers/STAGE/SHARD.running.json    the shard's claim: host, pid, heartbeat
     ROOT/_markers/STAGE/SHARD.done.json       written last, after the shard's outputs are published
-    ROOT/_markers/STAGE/SHARD.failed.json     the error, when processing raised
+    ROOT/_markers/STAGE/SHARD.failed.json     the error, when processing raised or its worker died
 
-A stage skips shards whose done marker exists, so any task can be retried. The done
-marker is written after the outputs are published, so a shard that has its marker is
-complete; a shard without it is rewritten from scratch.
+* **A running marker is a claim.** It is created exclusively (:meth:`MarkerStore.claim`), so
+  two runs on one root never work on the same shard; a daemon thread refreshes its
+  heartbeat while the shard is in flight. A claim whose process is gone (same host) or whose
+  heartbeat went silent is *stale*: status shows it so, and the next claim takes it over.
+* **A done marker vouches for its outputs**: their names, sizes and sha256 (``stats.outputs``).
+  :meth:`MarkerStore.verify` checks them cheaply (existence and size; ``deep`` also the hash),
+  and a stage redoes a shard whose done marker no longer matches what is on storage.
+* **A failure always leaves a failed marker**; a later success removes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
+import threading
 import time
 import traceback
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from training.core import storage
+from training.core import lease, storage
 
 MARKER_DIR = "_markers"
 STATES = ("done", "failed", "running")
@@ -44,6 +48,8 @@ class ShardStats:
     finished_at: float = 0.0
     host: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # published file (relative to the store's root) -> {"size": bytes, "sha256": hex}
+    outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
@@ -80,6 +86,75 @@ def shard_id(index: int) -> str:
     return f"{index:05d}"
 
 
+def relative_name(root: str, uri: str) -> str:
+    """``uri`` relative to ``root`` when below it, else ``uri`` itself."""
+    root = root.rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri
+
+
+def output_uri(root: str, name: str) -> str:
+    return name if storage.is_s3(name) or name.startswith("/") else storage.join(root, name)
+
+
+def record_outputs(stats: ShardStats, root: str, uris: Iterable[str]) -> None:
+    """Note each published file's size and sha256 in ``stats`` (what the done marker vouches
+    for); ``bytes_out`` becomes their total."""
+    for uri in uris:
+        stats.outputs[relative_name(root, uri)] = {
+            "size": storage.size(uri),
+            "sha256": storage.sha256(uri),
+        }
+    stats.bytes_out = sum(o["size"] for o in stats.outputs.values())
+
+
+class _Heartbeats:
+    """One daemon thread per process refreshing the running markers of its shards in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, dict[str, Any]] = {}  # marker uri -> record
+        self._thread: threading.Thread | None = None
+
+    def add(self, uri: str, rec: dict[str, Any]) -> None:
+        with self._lock:
+            self._live[uri] = rec
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="mofi-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, uri: str) -> None:
+        with self._lock:
+            self._live.pop(uri, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(lease.HEARTBEAT_S)
+            with self._lock:
+                items = list(self._live.items())
+            for uri, rec in items:
+                rec["heartbeat_at"] = time.time()
+                try:
+                    current = storage.read_json(uri)
+                except FileNotFoundError:  # finished (maybe by another process of the job)
+                    self.remove(uri)
+                    continue
+                except Exception as exc:  # a missed beat is not fatal; silence is reported
+                    log.debug("heartbeat %s: %s", uri, exc)
+                    continue
+                if current.get("token") != rec["token"]:
+                    self.remove(uri)  # taken over: not ours any more
+                    continue
+                try:
+                    storage.write_json(uri, rec, indent=None)
+                except Exception as exc:
+                    log.debug("heartbeat %s: %s", uri, exc)
+
+
+HEARTBEATS = _Heartbeats()
+
+
 class MarkerStore:
     """Markers of one stage under one output root."""
 
@@ -109,6 +184,10 @@ class MarkerStore:
         uri = storage.join(self.dir, "_plan.json")
         return storage.read_json(uri) if storage.exists(uri) else None
 
+    @property
+    def lease_uri(self) -> str:
+        return storage.join(self.dir, "_lease.json")
+
     # -- state
     def is_done(self, shard: str) -> bool:
         return storage.exists(self._uri(shard, "done"))
@@ -119,43 +198,116 @@ class MarkerStore:
             return None
         return ShardStats.from_dict(storage.read_json(uri)["stats"])
 
+    def _running_record(self, shard: str) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "shard": shard,
+            "started_at": now,
+            "heartbeat_at": now,
+            "token": f"{lease.whoami()['host']}-{lease.whoami()['pid']}-{now}",
+            **lease.whoami(),
+        }
+
+    def claim(self, shard: str) -> dict[str, Any] | None:
+        """Claim ``shard`` for this process: None when done, else the claim made, or raise
+        :class:`ShardBusy` naming the live holder."""
+        import json
+
+        uri = self._uri(shard, "running")
+        rec = self._running_record(shard)
+        data = json.dumps(rec).encode()
+        while not storage.create_exclusive(uri, data):
+            try:
+                held = storage.read_json(uri)
+            except (FileNotFoundError, ValueError):
+                continue
+            if lease.liveness(held) == "live":
+                raise ShardBusy(
+                    f"{self.stage} shard {shard} is being processed by {lease.describe(held)}"
+                )
+            if storage.replace_if_unchanged(uri, held, data):
+                log.warning(
+                    "%s shard %s: took over the stale claim of %s",
+                    self.stage,
+                    shard,
+                    lease.describe(held),
+                )
+                break
+        HEARTBEATS.add(uri, rec)
+        return rec
+
     def mark_running(self, shard: str) -> None:
-        storage.write_json(
-            self._uri(shard, "running"),
-            {
-                "shard": shard,
-                "started_at": time.time(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-            },
-        )
+        """Claim ``shard``, taking over any claim (a stage that already owns its shards)."""
+        uri = self._uri(shard, "running")
+        rec = self._running_record(shard)
+        storage.write_json(uri, rec, indent=None)
+        HEARTBEATS.add(uri, rec)
+
+    def release(self, shard: str) -> None:
+        uri = self._uri(shard, "running")
+        HEARTBEATS.remove(uri)
+        storage.delete(uri)
 
     def mark_done(self, shard: str, stats: ShardStats) -> None:
         storage.write_json(
             self._uri(shard, "done"), {"shard": shard, "state": "done", "stats": stats.to_dict()}
         )
-        storage.delete(self._uri(shard, "running"))
         storage.delete(self._uri(shard, "failed"))
+        self.release(shard)
 
     def mark_failed(self, shard: str, error: str, stats: ShardStats) -> None:
         storage.write_json(
             self._uri(shard, "failed"),
             {"shard": shard, "state": "failed", "error": error, "stats": stats.to_dict()},
         )
-        storage.delete(self._uri(shard, "running"))
+        self.release(shard)
+
+    def unmark_done(self, shard: str) -> None:
+        """Withdraw a done marker whose outputs no longer match (the shard is redone)."""
+        storage.delete(self._uri(shard, "done"))
+
+    # -- verification
+    def verify(
+        self,
+        shard: str,
+        stats: ShardStats | None = None,
+        sizes: dict[str, int] | None = None,
+        deep: bool = False,
+    ) -> str | None:
+        """None if the done marker's outputs are on storage as it recorded them, else what is
+        wrong. ``sizes``: URI -> size from one listing (cheap for many shards)."""
+        stats = stats if stats is not None else self.read_done(shard)
+        if stats is None:
+            return "no done marker"
+        for name, want in stats.outputs.items():
+            uri = output_uri(self.root, name)
+            if sizes is not None and uri in sizes:
+                got = sizes[uri]
+            else:
+                try:
+                    got = storage.size(uri)
+                except FileNotFoundError:
+                    return f"{name} is missing"
+            if got != want["size"]:
+                return f"{name} has {got} bytes, its done marker recorded {want['size']}"
+            if deep and storage.sha256(uri) != want["sha256"]:
+                return f"{name} does not match the sha256 its done marker recorded"
+        return None
+
+    def is_complete(self, shard: str) -> bool:
+        """Done, and its outputs are as the done marker recorded them."""
+        stats = self.read_done(shard)
+        return stats is not None and self.verify(shard, stats) is None
 
     def read_all(self) -> dict[str, dict[str, Any]]:
         """shard -> marker record with its ``state``; done beats failed beats running."""
         rank = {"done": 0, "failed": 1, "running": 2}
         out: dict[str, dict[str, Any]] = {}
         for uri in storage.list_files(self.dir, suffix=".json"):
-            name = storage.basename(uri)
-            if name.startswith("_"):
+            parsed = parse_marker_name(storage.basename(uri))
+            if parsed is None:
                 continue
-            parts = name[: -len(".json")].rsplit(".", 1)
-            if len(parts) != 2 or parts[1] not in STATES:
-                continue
-            shard, state = parts
+            shard, state = parsed
             if shard in out and rank[out[shard]["state"]] <= rank[state]:
                 continue
             try:
@@ -167,24 +319,76 @@ class MarkerStore:
         return out
 
 
+def verify_done(
+    store: MarkerStore, shards: Iterable[str], deep: bool = False
+) -> dict[str, str | None]:
+    """shard -> None when complete, else what is wrong ("no done marker", "X is missing", ...).
+    One listing of the markers and one per output folder, however many shards."""
+    done = {
+        parse_marker_name(storage.basename(u))[0]
+        for u in storage.list_files(store.dir, suffix=".done.json")
+        if parse_marker_name(storage.basename(u))
+    }
+    stats: dict[str, ShardStats] = {}
+    out: dict[str, str | None] = {}
+    for shard in shards:
+        if shard not in done:
+            out[shard] = "no done marker"
+            continue
+        try:
+            stats[shard] = ShardStats.from_dict(
+                storage.read_json(store._uri(shard, "done"))["stats"]
+            )
+        except (FileNotFoundError, ValueError, KeyError):
+            out[shard] = "no done marker"
+    folders = {
+        output_uri(store.root, n).rsplit("/", 1)[0] for st in stats.values() for n in st.outputs
+    }
+    sizes: dict[str, int] = {}
+    for folder in folders:
+        sizes.update(storage.list_sizes(folder))
+    for shard, st in stats.items():
+        out[shard] = store.verify(shard, st, sizes, deep)
+    return out
+
+
+class ShardBusy(RuntimeError):
+    """Another live process holds the shard's claim."""
+
+
+def parse_marker_name(name: str) -> tuple[str, str] | None:
+    """``00003.done.json`` -> ("00003", "done"); None for the plan, the lease and others."""
+    if name.startswith("_") or not name.endswith(".json"):
+        return None
+    parts = name[: -len(".json")].rsplit(".", 1)
+    if len(parts) != 2 or parts[1] not in STATES:
+        return None
+    return parts[0], parts[1]
+
+
 class ShardRun:
-    """Context manager around processing one shard: running marker, timing, done/failed marker.
+    """Context manager around processing one shard: claim, timing, done/failed marker.
 
     ``with ShardRun(store, "00003") as run: ...; run.stats.n_out += 1`` writes the done marker
     on a clean exit and the failed marker (then re-raises) on an exception. Call it only after
-    the shard's outputs were published inside the block.
+    the shard's outputs were published inside the block. ``claim=True`` claims the shard
+    exclusively first (raising :class:`ShardBusy` when a live process holds it).
     """
 
-    def __init__(self, store: MarkerStore, shard: str):
+    def __init__(self, store: MarkerStore, shard: str, claim: bool = False):
         self.store = store
         self.shard = shard
-        self.stats = ShardStats(host=socket.gethostname())
+        self.claim = claim
+        self.stats = ShardStats(host=lease.whoami()["host"])
         self._t0 = 0.0
 
     def __enter__(self) -> ShardRun:
+        if self.claim:
+            self.store.claim(self.shard)
+        else:
+            self.store.mark_running(self.shard)
         self._t0 = time.perf_counter()
         self.stats.started_at = time.time()
-        self.store.mark_running(self.shard)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -195,8 +399,8 @@ class ShardRun:
         elif isinstance(exc, Exception):
             err = "".join(traceback.format_exception_only(exc_type, exc)).strip()
             self.store.mark_failed(self.shard, err, self.stats)
-        else:  # KeyboardInterrupt etc.: leave the running marker, it is stale-checked by status
-            pass
+        else:  # KeyboardInterrupt etc.: the claim stays; its process will be gone (stale)
+            HEARTBEATS.remove(self.store._uri(self.shard, "running"))
         return False
 
 
@@ -210,6 +414,8 @@ def list_stages(root: str) -> list[str]:
             if "/" in rel:
                 stages.add(rel.split("/", 1)[0])
         return sorted(stages)
+    import os
+
     if not os.path.isdir(base):
         return []
     return sorted(

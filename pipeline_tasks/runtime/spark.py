@@ -12,13 +12,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from typing import Any
 
 from training.core import config as cfg
+from training.core.lease import die_with_parent
 
 from . import markers
 
@@ -77,16 +78,30 @@ def run_spark_job(
     sc: SparkConfig,
     name: str,
     store: markers.MarkerStore,
-    total: int,
+    shards: list[str],
     progress: bool,
+    work_dir: str,
+    extra_stores: list[tuple[markers.MarkerStore, list[str]]] = (),
 ) -> None:
-    """spark-submit ``script`` with ``spec``; a progress bar counts the stage's done markers."""
+    """spark-submit ``script`` with ``spec``; a progress bar counts ``store``'s done markers.
+
+    Everything the job leaves on local disk (its spec, its log, Spark's scratch and the Python
+    workers' temp files) lives in ``work_dir/spark-NAME``, emptied at the next launch. If the
+    job dies, every shard of ``shards`` (and of ``extra_stores``) it did not finish gets a
+    failed marker naming the exit code and the log."""
     from tqdm import tqdm
 
-    fd, spec_path = tempfile.mkstemp(prefix=f"mofi-{name}-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    job_dir = os.path.join(work_dir, f"spark-{name}")
+    shutil.rmtree(job_dir, ignore_errors=True)  # the last launch's leftovers (we hold the stage)
+    scratch = os.path.join(job_dir, "scratch")
+    tmp = os.path.join(job_dir, "tmp")
+    os.makedirs(scratch)
+    os.makedirs(tmp)
+    spec_path = os.path.join(job_dir, "spec.json")
+    with open(spec_path, "w") as f:
         json.dump(spec, f)
-    log_fd, log_path = tempfile.mkstemp(prefix=f"mofi-{name}-", suffix=".log")
+    log_path = os.path.join(job_dir, "job.log")
+    total = len(shards)
     cmd = [
         spark_submit_path(),
         "--master",
@@ -106,6 +121,8 @@ def run_spark_job(
         "spark.sql.shuffle.partitions": str(max(1, min(200, total))),
         "spark.sql.adaptive.enabled": "false",
         "spark.task.maxFailures": "2",
+        "spark.local.dir": scratch,
+        "spark.driver.extraJavaOptions": f"-Djava.io.tmpdir={tmp}",
         **sc.extra_conf,
     }
     for k, v in conf.items():
@@ -123,18 +140,23 @@ def run_spark_job(
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
+    env = {**spark_env(), "TMPDIR": tmp}
     try:
-        with os.fdopen(log_fd, "w") as logf:
-            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=spark_env())
+        with open(log_path, "w") as logf:
+            proc = subprocess.run(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            )
     finally:
         stop.set()
         th.join()
         bar.close()
-        os.remove(spec_path)
     if proc.returncode != 0:
         with open(log_path, errors="replace") as f:
             tail = "".join(f.readlines()[-40:])
-        raise RuntimeError(
-            f"spark job {name} failed (exit {proc.returncode}); full log: {log_path}\n{tail}"
-        )
-    os.remove(log_path)
+        error = f"spark job {name} failed (exit {proc.returncode}); full log: {log_path}"
+        for st, ids in [(store, shards), *extra_stores]:
+            for sid in ids:
+                if not st.is_done(sid):
+                    st.mark_failed(sid, error, markers.ShardStats())
+        raise RuntimeError(f"{error}\n{tail}")
+    shutil.rmtree(job_dir, ignore_errors=True)

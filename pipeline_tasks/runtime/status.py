@@ -1,16 +1,33 @@
-"""Shard progress of a run, read from the markers: what ``mofi status`` prints and dashboards read."""
+"""Shard progress of runs, read from the markers: what ``mofi status`` prints and dashboards read.
+
+``summarize_run(ROOT)`` finds every stage with markers at any depth under ``ROOT`` (a build
+version ``ROOT/v=DATE`` holds ``i2e_run/ner``, ``i2e_run/score``, ..., and ``i2e``), and
+summarises each: shards done, failed, running, stale and pending; samples in and out; drops
+by reason; throughput and an ETA. What status reports is checked, not trusted:
+
+* a running marker whose process is gone (same host) or whose heartbeat went silent is
+  counted as **stale**, not running (``training.core.lease.liveness``);
+* a done marker whose outputs are missing or have another size than it recorded is counted
+  as **invalid**: the stage is not complete, and the next run of the stage redoes the shard.
+
+:class:`MarkerReader` reads markers through a cache keyed by each file's version (local
+mtime and size, S3 ETag) and lists S3 prefixes page by page, at most every few seconds, so a
+dashboard polling a root with tens of thousands of markers re-reads only what changed.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 import time
 from collections import Counter
 from typing import Any
 
-from training.core import storage
+from training.core import lease, storage
 
 from . import markers
 
-STALE_RUNNING_S = 6 * 3600
 # pipeline order for display; unknown stages go last, alphabetically
 STAGE_ORDER = [
     "pictures",
@@ -24,78 +41,204 @@ STAGE_ORDER = [
     "train",
     "eval",
 ]
+MAX_DEPTH = 6
+SKIP_DIRS = {"_embedding_cache", "_work", "tb", "checkpoints", "scorer"}
 
 
-def _roots(run_uri: str) -> list[tuple[str, str]]:
-    """(label, root) pairs: the run root itself and its direct children that hold markers."""
-    found: list[tuple[str, str]] = []
-    if markers.list_stages(run_uri):
-        found.append(("", run_uri))
-    if storage.is_s3(run_uri):
-        bucket, key = storage.split_s3(run_uri)
-        prefix = key.rstrip("/") + "/" if key else ""
-        paginator = storage.s3_client().get_paginator("list_objects_v2")
-        children = set()
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for cp in page.get("CommonPrefixes", []):
-                children.add(cp["Prefix"][len(prefix) :].rstrip("/"))
-        names = sorted(children)
-    else:
-        import os
+class MarkerReader:
+    """Cached, versioned reads of marker folders (one per process is enough; thread-safe)."""
 
-        names = (
-            sorted(d for d in os.listdir(run_uri) if os.path.isdir(os.path.join(run_uri, d)))
-            if os.path.isdir(run_uri)
-            else []
-        )
-    for name in names:
-        if name.startswith((".", "_")):
+    def __init__(self, listing_ttl_s: float = 3.0):
+        self.listing_ttl_s = listing_ttl_s
+        self._lock = threading.Lock()
+        self._docs: dict[str, tuple[Any, Any]] = {}  # uri -> (version, parsed json)
+        self._s3_lists: dict[str, tuple[float, list[tuple[str, Any, int]]]] = {}
+
+    # -- listings: (uri, version, size)
+    def list_dir(self, prefix: str) -> list[tuple[str, Any, int]]:
+        if storage.is_s3(prefix):
+            return self._s3_objects(prefix.rstrip("/") + "/", recursive=False)
+        try:
+            with os.scandir(prefix) as it:
+                out = []
+                for e in it:
+                    if not e.is_file() or storage.is_temp_name(e.name):
+                        continue
+                    st = e.stat()
+                    out.append((e.path, (st.st_mtime_ns, st.st_size), st.st_size))
+                return out
+        except FileNotFoundError:
+            return []
+
+    def _s3_objects(self, prefix: str, recursive: bool) -> list[tuple[str, Any, int]]:
+        key = f"{prefix}|{recursive}"
+        now = time.time()
+        with self._lock:
+            hit = self._s3_lists.get(key)
+            if hit and now - hit[0] < self.listing_ttl_s:
+                return hit[1]
+        bucket, kp = storage.split_s3(prefix)
+        objs = [
+            (f"s3://{bucket}/{o['Key']}", o.get("ETag"), int(o["Size"]))
+            for o in storage._s3_list(bucket, kp, recursive, prefix)
+            if not storage.is_temp_name(o["Key"])
+        ]
+        with self._lock:
+            self._s3_lists[key] = (now, objs)
+        return objs
+
+    def read_json(self, uri: str, version: Any) -> Any:
+        with self._lock:
+            hit = self._docs.get(uri)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        doc = storage.read_json(uri)
+        with self._lock:
+            self._docs[uri] = (version, doc)
+        return doc
+
+    # -- markers of one stage
+    def stage_records(self, store: markers.MarkerStore) -> tuple[dict | None, dict[str, dict]]:
+        """(plan, shard -> record with its state); done beats failed beats running."""
+        rank = {"done": 0, "failed": 1, "running": 2}
+        plan = None
+        out: dict[str, dict[str, Any]] = {}
+        for uri, version, _ in self.list_dir(store.dir):
+            name = storage.basename(uri)
+            if name == "_plan.json":
+                try:
+                    plan = self.read_json(uri, version)
+                except (FileNotFoundError, ValueError):
+                    pass
+                continue
+            parsed = markers.parse_marker_name(name)
+            if parsed is None:
+                continue
+            shard, state = parsed
+            if shard in out and rank[out[shard]["state"]] <= rank[state]:
+                continue
+            try:
+                rec = dict(self.read_json(uri, version))
+            except (FileNotFoundError, ValueError):  # vanished or torn by a concurrent writer
+                continue
+            rec["state"] = state
+            out[shard] = rec
+        return plan, out
+
+    def find_stage_roots(self, uri: str) -> list[tuple[str, str]]:
+        """(where, root) of every folder at any depth under ``uri`` that holds stage markers."""
+        if storage.is_s3(uri):
+            prefix = uri.rstrip("/") + "/"
+            roots = set()
+            for key, _, _ in self._s3_objects(prefix, recursive=True):
+                rel = key[len(prefix) :]
+                head, sep, _tail = ("/" + rel).partition(f"/{markers.MARKER_DIR}/")
+                if sep:
+                    roots.add(head.strip("/"))
+            return [(r or ".", storage.join(uri, r) if r else uri) for r in sorted(roots)]
+        found = []
+        base = os.path.abspath(uri)
+        for d, dirs, _files in os.walk(base):
+            depth = d[len(base) :].count(os.sep)
+            if markers.MARKER_DIR in dirs:
+                rel = os.path.relpath(d, base)
+                found.append((rel, d if rel != "." else uri))
+            dirs[:] = [
+                x
+                for x in sorted(dirs)
+                if depth < MAX_DEPTH and not x.startswith((".", "_")) and x not in SKIP_DIRS
+            ]
+        return found
+
+
+READER = MarkerReader()
+
+
+def _verify_done(
+    reader: MarkerReader, root: str, recs: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    """shard -> problem for done markers whose outputs are not as recorded (one listing per
+    output folder)."""
+    sizes: dict[str, int] = {}
+    listed: set[str] = set()
+    bad = {}
+    for shard, rec in recs.items():
+        if rec["state"] != "done":
             continue
-        child = storage.join(run_uri, name)
-        if markers.list_stages(child):
-            found.append((name, child))
-    return found
+        for name, want in rec.get("stats", {}).get("outputs", {}).items():
+            uri = markers.output_uri(root, name)
+            folder = uri.rsplit("/", 1)[0]
+            if folder not in listed:
+                listed.add(folder)
+                sizes.update({u: n for u, _, n in reader.list_dir(folder)})
+            got = sizes.get(uri)
+            if got is None:
+                bad[shard] = f"{name} is missing"
+                break
+            if got != want.get("size"):
+                bad[shard] = f"{name} has {got} bytes, its done marker recorded {want.get('size')}"
+                break
+    return bad
 
 
-def summarize_stage(root: str, stage: str, now: float | None = None) -> dict[str, Any]:
+def summarize_stage(
+    root: str, stage: str, now: float | None = None, reader: MarkerReader | None = None
+) -> dict[str, Any]:
     now = time.time() if now is None else now
+    reader = reader or READER
     store = markers.MarkerStore(root, stage)
-    plan = store.read_plan()
-    recs = store.read_all()
+    plan, recs = reader.stage_records(store)
     planned = set(plan["shards"]) if plan else set()
+    invalid = _verify_done(reader, root, recs)
     counts: Counter[str] = Counter()
     drops: Counter[str] = Counter()
     n_in = n_out = bytes_out = 0
     busy_s = 0.0
     first_start, last_end = None, None
     failed: dict[str, str] = {}
-    stale = 0
+    stale: dict[str, str] = {}
+    running: dict[str, dict[str, Any]] = {}
     for shard, rec in recs.items():
         state = rec["state"]
-        counts[state] += 1
         if state == "running":
-            if now - float(rec.get("started_at", now)) > STALE_RUNNING_S:
-                stale += 1
+            alive = lease.liveness(rec, now)
+            if alive == "live":
+                counts["running"] += 1
+                running[shard] = {
+                    k: rec.get(k) for k in ("host", "pid", "started_at", "heartbeat_at")
+                }
+            else:
+                counts["stale"] += 1
+                how = "process gone" if alive == "dead" else "no heartbeat"
+                stale[shard] = f"{how} ({lease.describe(rec)})"
             continue
+        if state == "done" and shard in invalid:
+            counts["invalid"] += 1
+            continue
+        counts[state] += 1
         st = markers.ShardStats.from_dict(rec.get("stats", {}))
         if state == "failed":
             failed[shard] = rec.get("error", "")
-        if state == "done":
-            n_in += st.n_in
-            n_out += st.n_out
-            bytes_out += st.bytes_out
-            busy_s += st.duration_s
-            drops.update(st.drops)
-            if st.started_at:
-                first_start = (
-                    st.started_at if first_start is None else min(first_start, st.started_at)
-                )
-            if st.finished_at:
-                last_end = st.finished_at if last_end is None else max(last_end, st.finished_at)
+            continue
+        n_in += st.n_in
+        n_out += st.n_out
+        bytes_out += st.bytes_out
+        busy_s += st.duration_s
+        drops.update(st.drops)
+        if st.started_at:
+            first_start = st.started_at if first_start is None else min(first_start, st.started_at)
+        if st.finished_at:
+            last_end = st.finished_at if last_end is None else max(last_end, st.finished_at)
     total = len(planned | set(recs)) if planned else len(recs)
     pending = max(0, total - counts["done"] - counts["failed"] - counts["running"])
     wall = (
         (last_end - first_start) if (first_start and last_end and last_end > first_start) else 0.0
+    )
+    rate = n_in / wall if wall else None
+    shards_per_s = counts["done"] / wall if wall and counts["done"] > 1 else None
+    left = total - counts["done"]
+    eta = (
+        round(left / shards_per_s, 1) if shards_per_s and left > 0 else (0.0 if not left else None)
     )
     return {
         "root": root,
@@ -104,7 +247,8 @@ def summarize_stage(root: str, stage: str, now: float | None = None) -> dict[str
         "done": counts["done"],
         "failed": counts["failed"],
         "running": counts["running"],
-        "stale_running": stale,
+        "stale_running": counts["stale"],
+        "invalid": counts["invalid"],
         "pending": pending,
         "samples_in": n_in,
         "samples_out": n_out,
@@ -112,27 +256,66 @@ def summarize_stage(root: str, stage: str, now: float | None = None) -> dict[str
         "bytes_out": bytes_out,
         "busy_s": round(busy_s, 3),
         "wall_s": round(wall, 3),
-        "samples_per_s": round(n_in / wall, 2) if wall else None,
+        "samples_per_s": round(rate, 2) if rate else None,
         "samples_per_busy_s": round(n_in / busy_s, 2) if busy_s else None,
+        "eta_s": eta,
         "failed_shards": failed,
+        "stale_shards": stale,
+        "invalid_shards": invalid,
+        "running_shards": running,
+        "last_update": max(
+            [
+                float(r.get("heartbeat_at") or r.get("stats", {}).get("finished_at") or 0)
+                for r in recs.values()
+            ]
+            or [0.0]
+        ),
         "complete": total > 0 and counts["done"] == total,
     }
 
 
-def summarize_run(run_uri: str) -> list[dict[str, Any]]:
-    if not storage.is_s3(run_uri):
-        import os
-
-        if not os.path.exists(run_uri):
-            raise FileNotFoundError(f"run not found: {run_uri}")
+def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict[str, Any]]:
+    """Every stage under ``run_uri`` (any depth), in pipeline order."""
+    reader = reader or READER
+    if not storage.is_s3(run_uri) and not os.path.exists(run_uri):
+        raise FileNotFoundError(f"run not found: {run_uri}")
     out = []
-    for label, root in _roots(run_uri):
-        for stage in markers.list_stages(root):
-            s = summarize_stage(root, stage)
-            s["where"] = label or "."
+    now = time.time()
+    for label, root in reader.find_stage_roots(run_uri):
+        for stage in _stages(reader, root):
+            s = summarize_stage(root, stage, now, reader)
+            s["where"] = label
             out.append(s)
     rank = {name: i for i, name in enumerate(STAGE_ORDER)}
     return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), s["stage"], s["where"]))
+
+
+def _stages(reader: MarkerReader, root: str) -> list[str]:
+    base = storage.join(root, markers.MARKER_DIR)
+    if storage.is_s3(base):
+        prefix = base.rstrip("/") + "/"
+        return sorted(
+            {
+                u[len(prefix) :].split("/", 1)[0]
+                for u, _, _ in reader._s3_objects(prefix, recursive=True)
+                if "/" in u[len(prefix) :]
+            }
+        )
+    return markers.list_stages(root)
+
+
+def state_of(s: dict[str, Any]) -> str:
+    if s["failed"]:
+        return "FAILED"
+    if s["invalid"]:
+        return "INVALID"
+    if s["complete"]:
+        return "complete"
+    if s["running"]:
+        return "running"
+    if s["stale_running"]:
+        return "stale"
+    return "incomplete"
 
 
 def _human_bytes(n: float) -> str:
@@ -147,28 +330,31 @@ def render(summaries: list[dict[str, Any]], run_uri: str) -> str:
     if not summaries:
         return f"{run_uri}: no stage markers found (nothing has run here yet)"
     lines = [f"run {run_uri}"]
-    header = f"{'stage':<18}{'where':<10}{'done':>6}{'fail':>6}{'run':>5}{'pend':>6}  {'in':>9}{'out':>9}  {'rate/s':>8}  {'bytes':>9}  state"
+    header = f"{'stage':<10}{'where':<16}{'done':>6}{'fail':>6}{'run':>5}{'stale':>6}{'pend':>6}  {'in':>9}{'out':>9}  {'rate/s':>8}  {'bytes':>9}  state"
     lines.append(header)
     lines.append("-" * len(header))
+    pad = " " * 10
     for s in summaries:
-        if s["failed"]:
-            state = "FAILED"
-        elif s["complete"]:
-            state = "complete"
-        elif s["running"]:
-            state = "running" + (f" ({s['stale_running']} stale)" if s["stale_running"] else "")
-        else:
-            state = "incomplete"
         rate = f"{s['samples_per_s']:.1f}" if s["samples_per_s"] else "-"
+        where = s["where"] if len(s["where"]) <= 15 else "…" + s["where"][-14:]
         lines.append(
-            f"{s['stage']:<18}{s['where']:<10}{s['done']:>6}{s['failed']:>6}{s['running']:>5}{s['pending']:>6}"
-            f"  {s['samples_in']:>9}{s['samples_out']:>9}  {rate:>8}  {_human_bytes(s['bytes_out']):>9}  {state}"
+            f"{s['stage']:<10}{where:<16}{s['done']:>6}{s['failed']:>6}{s['running']:>5}{s['stale_running']:>6}{s['pending']:>6}"
+            f"  {s['samples_in']:>9}{s['samples_out']:>9}  {rate:>8}  {_human_bytes(s['bytes_out']):>9}  {state_of(s)}"
         )
         if s["drops"]:
             drops = ", ".join(f"{k}={v}" for k, v in s["drops"].items())
-            lines.append(f"{'':<18}drops: {drops}")
-        for shard, err in sorted(s["failed_shards"].items())[:5]:
-            lines.append(f"{'':<18}failed {shard}: {err[:160]}")
-        if len(s["failed_shards"]) > 5:
-            lines.append(f"{'':<18}... and {len(s['failed_shards']) - 5} more failed shards")
+            lines.append(f"{pad}drops: {drops}")
+        for kind, shards in (
+            ("failed", s["failed_shards"]),
+            ("invalid", s["invalid_shards"]),
+            ("stale", s["stale_shards"]),
+        ):
+            for shard, why in sorted(shards.items())[:5]:
+                lines.append(f"{pad}{kind} {shard}: {why[:160]}")
+            if len(shards) > 5:
+                lines.append(f"{pad}... and {len(shards) - 5} more {kind} shards")
     return "\n".join(lines)
+
+
+def to_json(run_uri: str, summaries: list[dict[str, Any]]) -> str:
+    return json.dumps({"run": run_uri, "stages": summaries}, indent=2, sort_keys=True)

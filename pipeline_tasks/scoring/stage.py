@@ -26,7 +26,7 @@ from training.core import storage
 
 from ..entity_text import kb_text_rows
 from ..ner import planned_raw_shards, read_candidates
-from ..runtime.executor import ShardTask, StageResult, run_shards
+from ..runtime.executor import ShardTask, StageResult, pending_tasks, run_shards, stage_lease
 from ..runtime.layout import NER, SCORE, RunLayout
 from .backends import backend_fingerprint, build_backend, checkpoint_uri
 from .config import ScoreConfig
@@ -72,7 +72,14 @@ def run_score(
     speed the data path delivers), both measured in the same minutes on the same machine."""
     if reference_every < 0:
         raise cfg.ConfigError(f"reference_every = {reference_every}: must be >= 0")
+    storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
+    with stage_lease(layout.store(SCORE), only):
+        return _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare)
+
+
+def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare):
+    run_uri = layout.root
     shards, problems = planned_raw_shards(layout, raw_uri)
     ner_store, store = layout.store(NER), layout.store(SCORE)
     out = layout.stage_dir(SCORE)
@@ -93,20 +100,22 @@ def run_score(
         {"skipped": {**problems, **not_ready}, "backend": c.backend, "model": c.model},
     )
     c.save(out)
-    todo = [
-        s for s in ready if (wanted is None or s.shard in wanted) and not store.is_done(s.shard)
-    ]
     result = StageResult(
         stage=SCORE, out=out, shards=len(ready), skipped_shards={**problems, **not_ready}
     )
+    tasks = [
+        ShardTask(s.shard, 1, {"tar": s.tar, "mentions": layout.output(NER, s.shard)})
+        for s in ready
+    ]
+    todo = pending_tasks(store, [t for t in tasks if wanted is None or t.shard in wanted], result)
     if not todo:
         result.extra.update(entities=0, entities_embedded=0, images=0)
         return result
     # 1. every distinct candidate entity of the pending shards, embedded once
     t0 = time.time()
     eids: set[str] = set()
-    for s in todo:
-        for v in read_candidates(layout.output(NER, s.shard)).values():
+    for t in todo:
+        for v in read_candidates(t.data["mentions"]).values():
             eids.update(v)
     kb_rows = kb_text_rows(kb_uri)
     unknown = sorted(e for e in eids if e not in kb_rows)
@@ -142,10 +151,6 @@ def run_score(
     matrix = os.path.join(work, f"score-entities-{digest}-{os.getpid()}.parquet")
     write_entity_matrix(matrix, order, mat)
     stage = ScoreStage(c, run_uri, matrix, devices, reference_every)
-    tasks = [
-        ShardTask(s.shard, 1, {"tar": s.tar, "mentions": layout.output(NER, s.shard)})
-        for s in ready
-    ]
     storage.clean_temp(out)
     t1 = time.time()
     try:
@@ -154,7 +159,7 @@ def run_score(
             store,
             tasks,
             workers=len(devices),
-            only=[s.shard for s in todo],
+            only=[t.shard for t in todo],
             progress=progress,
             result=result,
         )

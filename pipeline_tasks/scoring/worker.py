@@ -127,8 +127,16 @@ class ScoreStage(ShardStage):
         from training.core.device import peak_rss_bytes
 
         c, backend, device = self.config, self.backend, self.device
-        tasks = list(tasks)
-        loader, decode = self._loader(tasks)
+        mine = []
+        for t in tasks:
+            try:
+                store.claim(t.shard)
+                mine.append(t)
+            except markers.ShardBusy as exc:  # another run has it
+                yield ShardOutcome(t.shard, 0, busy=str(exc))
+        if not mine:
+            return
+        loader, decode = self._loader(mine)
         buffers: dict[str, list[tuple[str, str, float]]] = {}
         started: dict[str, float] = {}
         t_img, n_img = 0.0, 0
@@ -149,7 +157,6 @@ class ScoreStage(ShardStage):
             kind, sid = item[0], item[1]
             if sid not in started:
                 started[sid] = time.time()
-                store.mark_running(sid)
             if kind == "batch":
                 _, _, keys, x, cand = item
                 t0 = time.perf_counter()
@@ -212,7 +219,7 @@ class ScoreStage(ShardStage):
         with storage.open_write(uri) as f:
             pq.write_table(table, f, compression="zstd")
         st.n_out = len({r[0] for r in rows})
-        st.bytes_out = storage.size(uri)
+        markers.record_outputs(st, store.root, [uri])
         st.started_at = started_at
         st.finished_at = time.time()
         st.duration_s = round(st.finished_at - st.started_at, 3)

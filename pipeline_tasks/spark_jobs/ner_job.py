@@ -192,7 +192,7 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     uri = RunLayout(spec["run_uri"]).output(NER, shard)
     with storage.open_write(uri) as f:
         pq.write_table(table, f, compression="zstd")
-    st.bytes_out = storage.size(uri)
+    markers.record_outputs(st, store.root, [uri])
     st.extra["mentions"] = int(sum(len(m) for m in mentions))
     st.extra["linked_mentions"] = int(sum(1 for ms in mentions for m in ms if m["entity_id"]))
     st.finished_at = time.time()

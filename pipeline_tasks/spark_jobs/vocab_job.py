@@ -65,7 +65,7 @@ def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     dropped = st.n_in - st.n_out
     if dropped > 0:
         st.drop("no_entity_kept", dropped)
-    st.bytes_out = storage.size(uri)
+    markers.record_outputs(st, store.root, [uri])
     st.extra = {"labels": int(len(pdf))}
     st.finished_at = time.time()
     st.duration_s = round(st.finished_at - t0, 3)
@@ -165,13 +165,14 @@ def main(spec_path: str) -> int:
             pq.write_table(pa.Table.from_pylist([], schema=LABELS_SCHEMA), f)
         n = int(images_in.get(shard, 0))
         st = markers.ShardStats(n_in=n, n_out=0, drops={"no_entity_kept": n} if n else {})
+        markers.record_outputs(st, lstore.root, [uri])
         lstore.mark_done(shard, st)
     kept_pairs = int(kept.count())
     st = markers.ShardStats(
         n_in=int(pairs_in), n_out=kept_pairs, started_at=t0, finished_at=time.time()
     )
     st.duration_s = round(st.finished_at - t0, 3)
-    st.bytes_out = storage.size(vocab_file)
+    markers.record_outputs(st, vstore.root, [vocab_file])
     st.drop("pair_below_threshold_or_rank", int(pairs_in - kept_pairs))
     st.extra = {
         "pairs_in": int(pairs_in),

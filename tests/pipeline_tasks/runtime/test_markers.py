@@ -59,3 +59,49 @@ def test_drop_logger_counts_all_but_logs_few(caplog):
 def test_bad_stage_name():
     with pytest.raises(ValueError):
         markers.MarkerStore("/tmp", "a/b")
+
+
+def test_claims_are_exclusive_and_a_dead_claim_is_taken_over(storage_root):
+    import subprocess
+    import sys
+
+    store = markers.MarkerStore(storage_root, "write")
+    store.claim("00001")
+    with pytest.raises(markers.ShardBusy, match="write shard 00001 is being processed by"):
+        markers.MarkerStore(storage_root, "write").claim("00001")
+    store.release("00001")
+    if storage.is_s3(storage_root):
+        return
+    # a claim whose process is gone is stale: the next claim takes it over
+    code = (
+        "from pipeline_tasks.runtime import markers; "
+        f"markers.MarkerStore({storage_root!r}, 'write').claim('00002')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert store.read_all()["00002"]["state"] == "running"
+    rec = store.claim("00002")
+    assert rec["pid"] == __import__("os").getpid()
+
+
+def test_done_marker_vouches_for_its_outputs(storage_root):
+    store = markers.MarkerStore(storage_root, "score")
+    uri = storage.join(storage_root, "00000.parquet")
+    storage.write_bytes(uri, b"0123456789")
+    with markers.ShardRun(store, "00000") as run:
+        markers.record_outputs(run.stats, storage_root, [uri])
+    st = store.read_done("00000")
+    assert (
+        st.outputs == {"00000.parquet": {"size": 10, "sha256": storage.sha256(uri)}}
+        and st.bytes_out == 10
+    )
+    assert store.verify("00000") is None and store.is_complete("00000")
+    storage.write_bytes(uri, b"01234")  # truncated behind the marker's back
+    assert "has 5 bytes, its done marker recorded 10" in store.verify("00000")
+    storage.write_bytes(uri, b"9876543210")  # same size, other bytes: only a deep check sees it
+    assert store.verify("00000") is None
+    assert "sha256" in store.verify("00000", deep=True)
+    storage.delete(uri)
+    assert markers.verify_done(store, ["00000", "00001"]) == {
+        "00000": "00000.parquet is missing",
+        "00001": "no done marker",
+    }

@@ -92,3 +92,44 @@ def test_status_on_s3(s3_bucket):
     _fake_stage(s3_bucket + "/run/raw", "corpus", [(5, 5, {})], planned=["00000", "00001"])
     (s,) = status.summarize_run(s3_bucket + "/run")
     assert (s["done"], s["pending"], s["where"]) == (1, 1, "raw")
+
+
+def test_stages_found_at_any_depth_stale_and_invalid_shown(tmp_path):
+    """A build version holds its stages two levels down; a killed worker's claim is stale, not
+    running; a done marker whose file was deleted is invalid and the stage is not complete."""
+    import os
+
+    from training.core import storage
+
+    version = tmp_path / "root" / "v=2026-12-01"
+    score = str(version / "i2e_run" / "score")
+    store = markers.MarkerStore(score, "score")
+    store.write_plan(["00000", "00001", "00002"])
+    for sid in ("00000", "00001"):
+        uri = storage.join(score, f"{sid}.parquet")
+        storage.write_bytes(uri, b"x" * 10)
+        with markers.ShardRun(store, sid) as run:
+            markers.record_outputs(run.stats, score, [uri])
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from pipeline_tasks.runtime import markers; markers.MarkerStore({score!r}, 'score').claim('00002')",
+        ],
+        check=True,
+    )
+    assert dead.returncode == 0
+    os.remove(os.path.join(score, "00001.parquet"))
+    (s,) = status.summarize_run(str(tmp_path / "root"))
+    assert s["where"] == os.path.join("v=2026-12-01", "i2e_run", "score")
+    assert (s["done"], s["invalid"], s["running"], s["stale_running"]) == (1, 1, 0, 1)
+    assert "process gone" in s["stale_shards"]["00002"]
+    assert s["invalid_shards"] == {"00001": "00001.parquet is missing"} and not s["complete"]
+    text = status.render([s], "root")
+    assert "INVALID" in text and "stale 00002" in text and "invalid 00001" in text
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline_tasks.cli", "-q", "status", str(tmp_path / "root")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "nothing has run" not in out.stdout

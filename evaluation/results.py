@@ -14,10 +14,11 @@ import logging
 import os
 import re
 import urllib.error
-import urllib.request
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Metric, generate_latest, push_to_gateway
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 DEFAULT_DB_ENV = "MOFI_RESULTS_URL"
@@ -120,34 +121,57 @@ def _label(v: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", v) or "_"
 
 
+def _metric_name(key: str) -> str:
+    return "mofi_eval_" + re.sub(r"[^a-zA-Z0-9_]", "_", key.replace("@", "_at_"))
+
+
+def eval_registry(metrics: dict[str, Any], labels: dict[str, str]) -> CollectorRegistry:
+    """One evaluation's numeric metrics as gauges: ``map`` and ``map@k`` with one series per
+    domain (``mofi_eval_map{domain="sop",model="..."} 0.71``, the overall one without
+    ``domain``), every other metric under its flattened name (``zero_shot/top1`` ->
+    ``mofi_eval_zero_shot_top1``); ``labels`` on every series."""
+    base = {k: str(v) for k, v in sorted(labels.items())}
+    families: dict[str, Metric] = {}
+    for key, value in sorted(numeric_metrics(metrics).items()):
+        head, _, sub = key.partition("/")
+        domain = sub if head == "map" or head.startswith("map@") else ""
+        name = _metric_name(head if domain else key)
+        if name not in families:
+            families[name] = Metric(name, f"MOFI evaluation: {head if domain else key}", "gauge")
+        families[name].add_sample(name, {**base, **({"domain": domain} if domain else {})}, value)
+
+    class _Evaluation(Collector):
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Evaluation())
+    return registry
+
+
 def prometheus_text(metrics: dict[str, Any], labels: dict[str, str]) -> str:
-    """Prometheus text exposition: mofi_eval_map{domain="sop",model="..."} 0.71"""
-    lab = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
-    lines = []
-    for k, v in sorted(numeric_metrics(metrics).items()):
-        base, _, sub = k.partition("/")
-        name = "mofi_eval_" + re.sub(r"[^a-zA-Z0-9_]", "_", base)
-        extra = f'domain="{sub}"' if sub else ""
-        all_labels = ",".join(x for x in (lab, extra) if x)
-        lines.append(f"{name}{{{all_labels}}} {v}")
-    return "\n".join(lines) + "\n"
+    """Prometheus text exposition of :func:`eval_registry` (what a push sends)."""
+    return generate_latest(eval_registry(metrics, labels)).decode()
 
 
 def push_metrics(
     url: str, job: str, instance: str, metrics: dict[str, Any], labels: dict[str, str]
 ) -> None:
-    """PUT to a Pushgateway-compatible URL: {url}/metrics/job/{job}/instance/{instance}."""
+    """PUT to a Pushgateway: {url}/metrics/job/{job}/instance/{instance} (prometheus_client's
+    push_to_gateway; a PUT replaces the group's previous metrics)."""
     target = f"{url.rstrip('/')}/metrics/job/{_label(job)}/instance/{_label(instance)}"
-    body = prometheus_text(metrics, labels).encode()
-    req = urllib.request.Request(
-        target, data=body, method="PUT", headers={"Content-Type": "text/plain; version=0.0.4"}
-    )
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            if resp.status >= 300:
-                raise RuntimeError(f"pushgateway {target} answered {resp.status}")
+        push_to_gateway(
+            url,
+            job=_label(job),
+            grouping_key={"instance": _label(instance)},
+            registry=eval_registry(metrics, labels),
+            timeout=10,
+        )
     except urllib.error.URLError as exc:
         raise RuntimeError(f"pushgateway {target} unreachable: {exc}") from exc
+    except OSError as exc:  # prometheus_client raises OSError for an HTTP error status
+        raise RuntimeError(f"pushgateway {target}: {exc}") from exc
 
 
 # ------------------------------------------------------------------ table and chart

@@ -59,8 +59,10 @@ class ShardStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardStats:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in _STATS_FIELDS})
+
+
+_STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(ShardStats))
 
 
 class DropLogger:

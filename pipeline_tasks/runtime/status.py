@@ -57,12 +57,12 @@ class MarkerReader:
     # -- listings: (uri, version, size)
     def list_dir(self, prefix: str) -> list[tuple[str, Any, int]]:
         if storage.is_s3(prefix):
-            return self._s3_objects(prefix.rstrip("/") + "/", recursive=False)
+            return self.list_tree(prefix.rstrip("/") + "/", recursive=False)
         try:
             with os.scandir(prefix) as it:
                 out = []
                 for e in it:
-                    if not e.is_file() or storage.is_temp_name(e.name):
+                    if storage.TEMP_MARK in e.name or not e.is_file():
                         continue
                     st = e.stat()
                     out.append((e.path, (st.st_mtime_ns, st.st_size), st.st_size))
@@ -70,7 +70,7 @@ class MarkerReader:
         except FileNotFoundError:
             return []
 
-    def _s3_objects(self, prefix: str, recursive: bool) -> list[tuple[str, Any, int]]:
+    def list_tree(self, prefix: str, recursive: bool = True) -> list[tuple[str, Any, int]]:
         key = f"{prefix}|{recursive}"
         now = time.time()
         with self._lock:
@@ -103,8 +103,10 @@ class MarkerReader:
         rank = {"done": 0, "failed": 1, "running": 2}
         plan = None
         out: dict[str, dict[str, Any]] = {}
-        for uri, version, _ in self.list_dir(store.dir):
-            name = storage.basename(uri)
+        listing = self.list_dir(store.dir)
+        self._forget_missing(store.dir, {u for u, _, _ in listing})
+        for uri, version, _ in listing:
+            name = uri.rsplit("/", 1)[-1]
             if name == "_plan.json":
                 try:
                     plan = self.read_json(uri, version)
@@ -125,12 +127,21 @@ class MarkerReader:
             out[shard] = rec
         return plan, out
 
+    def _forget_missing(self, folder: str, present: set[str]) -> None:
+        """Drop cached documents of ``folder`` that its latest listing no longer has (a
+        long-running dashboard must not grow with the markers that come and go)."""
+        prefix = folder.rstrip("/") + "/"
+        with self._lock:
+            gone = [u for u in self._docs if u.startswith(prefix) and u not in present]
+            for u in gone:
+                del self._docs[u]
+
     def find_stage_roots(self, uri: str) -> list[tuple[str, str]]:
         """(where, root) of every folder at any depth under ``uri`` that holds stage markers."""
         if storage.is_s3(uri):
             prefix = uri.rstrip("/") + "/"
             roots = set()
-            for key, _, _ in self._s3_objects(prefix, recursive=True):
+            for key, _, _ in self.list_tree(prefix, recursive=True):
                 rel = key[len(prefix) :]
                 head, sep, _tail = ("/" + rel).partition(f"/{markers.MARKER_DIR}/")
                 if sep:
@@ -230,7 +241,15 @@ def summarize_stage(
         if st.finished_at:
             last_end = st.finished_at if last_end is None else max(last_end, st.finished_at)
     total = len(planned | set(recs)) if planned else len(recs)
-    pending = max(0, total - counts["done"] - counts["failed"] - counts["running"])
+    pending = max(
+        0,
+        total
+        - counts["done"]
+        - counts["failed"]
+        - counts["running"]
+        - counts["stale"]
+        - counts["invalid"],
+    )
     wall = (
         (last_end - first_start) if (first_start and last_end and last_end > first_start) else 0.0
     )
@@ -282,7 +301,7 @@ def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict
     out = []
     now = time.time()
     for label, root in reader.find_stage_roots(run_uri):
-        for stage in _stages(reader, root):
+        for stage in stages(reader, root):
             s = summarize_stage(root, stage, now, reader)
             s["where"] = label
             out.append(s)
@@ -290,14 +309,15 @@ def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict
     return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), s["stage"], s["where"]))
 
 
-def _stages(reader: MarkerReader, root: str) -> list[str]:
+def stages(reader: MarkerReader, root: str) -> list[str]:
+    """The stages with markers under ``root``."""
     base = storage.join(root, markers.MARKER_DIR)
     if storage.is_s3(base):
         prefix = base.rstrip("/") + "/"
         return sorted(
             {
                 u[len(prefix) :].split("/", 1)[0]
-                for u, _, _ in reader._s3_objects(prefix, recursive=True)
+                for u, _, _ in reader.list_tree(prefix, recursive=True)
                 if "/" in u[len(prefix) :]
             }
         )

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 
@@ -20,7 +21,7 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose < 2:
-        for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -170,11 +171,16 @@ def cmd_ner(args: argparse.Namespace) -> int:
     from pipeline_tasks import ner
 
     c = _bundle(args).ner
-    if args.master:
-        c = c.replace(spark=c.spark.replace(master=args.master))
+    c = c.replace(spark=_spark_overrides(c.spark, args))
     res = ner.run_ner(c, args.raw, args.kb, args.run, progress=not args.no_progress)
     _print_result("ner", res)
     return 1 if res.failed else 0
+
+
+def _spark_overrides(spark, args: argparse.Namespace):
+    """--master / --deploy-mode (an Airflow task passes its spark_default connection's)."""
+    changes = {k: v for k, v in (("master", args.master), ("deploy_mode", args.deploy_mode)) if v}
+    return spark.replace(**changes) if changes else spark
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -243,7 +249,8 @@ def cmd_vocab(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    res = vocab.run_vocab(c.replace(**changes), args.run, args.kb, progress=not args.no_progress)
+    c = c.replace(spark=_spark_overrides(c.spark, args), **changes)
+    res = vocab.run_vocab(c, args.run, args.kb, progress=not args.no_progress)
     _print_result("vocab", res)
     return 1 if res.failed else 0
 
@@ -292,6 +299,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if any(s["failed"] or s["invalid"] for s in summaries) else 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pipeline_tasks.dashboard.app import serve
+    from pipeline_tasks.dashboard.config import DashboardConfig
+
+    config = DashboardConfig(
+        roots=tuple(args.roots), results_url=args.results or "", refresh_s=args.refresh
+    )
+    print(f"dashboard: http://{args.host}:{args.port}/ (metrics at /metrics); Ctrl-C stops it")
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.run import EvalConfig, run_eval
 
@@ -336,6 +355,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_airflow(args: argparse.Namespace) -> int:
+    from pipeline_tasks.orchestration.local_airflow import LocalAirflow, run_env
+
+    home = args.home or os.path.join(args.run, "airflow")
+    af = LocalAirflow(
+        home, args.port, extra_env=run_env(args.run, _existing_eval_folders(args.run))
+    )
+    if args.action == "up":
+        info = af.up()
+        verb = "already running" if info["reused"] else "started"
+        print(
+            f"airflow: {verb} at {af.url} (home {af.home}); login: user admin, password in "
+            f"{af.passwords_file}; shell settings: source {af.write_env_file()}"
+        )
+    elif args.action == "down":
+        stopped = af.down()
+        print(f"airflow: stopped {', '.join(stopped) or 'nothing (not running)'}")
+    else:
+        print(json.dumps(af.status(), indent=2))
+    return 0
+
+
+def _existing_eval_folders(run: str) -> list[str]:
+    folders = [os.path.join(run, f) for f in ("eval", "photos_eval")]
+    return [f for f in folders if os.path.isdir(f)] or [os.path.join(run, "eval")]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline_tasks.demo import airflow_demo
+
+    return airflow_demo.run_demo(args.run, args.pairs, args.seed, args.keep, args.port)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -454,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fetch-stamps", help="fetch and cache the tuxpaint stamp pictures")
     s.add_argument(
-        "--dir", default=None, help="cache folder (default: data/stamps or $MOFI_STAMPS_DIR)"
+        "--dir",
+        default=None,
+        help="cache folder (default: $MOFI_STAMPS_DIR, else <repo>/data/stamps)",
     )
     s.set_defaults(fn=cmd_fetch_stamps)
 
@@ -489,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage_parser("ner", "Spark job: NER + KB linking over raw captions")
     s.add_argument("--out", "--run", dest="run", required=True, help="run root URI; writes RUN/ner")
     s.add_argument("--master", default=None, help="Spark master (overrides the config)")
+    s.add_argument("--deploy-mode", default=None, choices=["client", "cluster"])
     s.set_defaults(fn=cmd_ner)
 
     s = stage_parser(
@@ -550,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--min-count", type=int, default=None)
+    s.add_argument("--master", default=None, help="Spark master (overrides the config)")
+    s.add_argument("--deploy-mode", default=None, choices=["client", "cluster"])
     s.set_defaults(fn=cmd_vocab)
 
     s = stage_parser("write", "I2E WebDataset shards + Parquet sidecars + sizes.json", kb=False)
@@ -628,6 +685,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_results)
 
+    s = sub.add_parser(
+        "demo", help="the main job end to end through a local Airflow (what `make demo` runs)"
+    )
+    s.add_argument("--run", default="runs/demo", help="run folder: inputs, outputs, Airflow home")
+    s.add_argument("--pairs", type=int, default=5000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--keep", action="store_true", help="leave Airflow running for the UI")
+    s.add_argument("--port", type=int, default=None, help="api-server port (default 8080)")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("airflow", help="a local Airflow (SQLite, LocalExecutor): up, down, status")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--run", default="runs/demo", help="run root the DAGs default to")
+    s.add_argument("--home", default=None, help="AIRFLOW_HOME (default RUN/airflow)")
+    s.add_argument("--port", type=int, default=None, help="api-server port (default 8080)")
+    s.set_defaults(fn=cmd_airflow)
+
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run or build root URI (stages are found at any depth below it)")
     s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
@@ -635,6 +709,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
     )
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser(
+        "dashboard", help="serve the shard-progress page, its JSON and /metrics (read-only)"
+    )
+    s.add_argument(
+        "--roots", nargs="+", required=True, metavar="URI", help="run roots (local or s3://)"
+    )
+    s.add_argument(
+        "--results",
+        default=None,
+        help="SQLAlchemy URL of the results store (default: $MOFI_RESULTS_URL or runs/results.sqlite)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--refresh", type=float, default=3.0, help="page refresh interval (seconds)")
+    s.set_defaults(fn=cmd_dashboard)
 
     s = sub.add_parser("config", help="list, show or document the named configs")
     s.add_argument("action", choices=["list", "show", "doc"])

@@ -35,8 +35,9 @@ import subprocess
 import tarfile
 import tempfile
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
+
+from . import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ MAX_CSV_BYTES = 64 << 20
 
 
 def default_dir() -> str:
-    data = os.environ.get("MOFI_DATA_DIR")
-    if data:
-        return os.path.join(data, "photos")
-    return str(Path(__file__).resolve().parents[2] / "data" / "photos")
+    return data_dir("photos")
 
 
 def food_name(name: str) -> str:

@@ -23,6 +23,7 @@ import tempfile
 from typing import Any
 
 from ..runtime import markers
+from . import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ MAX_CAPTION_BYTES = 2000
 
 
 def default_dir() -> str:
-    return os.environ.get("MOFI_STAMPS_DIR") or os.path.join("data", "stamps")
+    """``$MOFI_STAMPS_DIR``, else the demo's data folder (never the working directory)."""
+    return os.environ.get("MOFI_STAMPS_DIR") or data_dir("stamps")
 
 
 def category_of(rel_dir: str) -> str:

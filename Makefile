@@ -11,10 +11,27 @@ RUN ?= runs/demo
 PAIRS ?= 5000
 SEED ?= 0
 RESULTS ?= sqlite:///$(abspath $(RUN))/results.sqlite
+# `make demo KEEP=1` leaves the local Airflow running for its UI; AIRFLOW_PORT picks its port
+KEEP ?=
+AIRFLOW_PORT ?=
+AIRFLOW_ARGS := $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
+# Debian packages the tests drive: Chromium (the dashboard's browser test) and docker-compose
+# (validates docker/compose.yaml; no Docker engine needed)
+SYSTEM_PACKAGES := chromium docker-compose
 
-.PHONY: setup verify demo test test-fast bench lint format clean distclean lock
+.PHONY: setup system verify demo demo-cli airflow-up airflow-down test test-fast chaos bench lint format clean distclean lock
 
-setup: $(STAMP)
+setup: system $(STAMP)
+
+system:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 $(STAMP): requirements.txt requirements-lock.txt pyproject.toml
 	@echo "== creating $(VENV) and installing the pinned stack (first time: several minutes)"
@@ -30,21 +47,38 @@ $(STAMP): requirements.txt requirements-lock.txt pyproject.toml
 verify: setup
 	$(PY) -m pipeline_tasks.verify
 
+# The main job through Airflow: inputs, local Airflow up, build triggered over REST, training
+# triggered by the mofi_i2e asset, mAP printed, Airflow stopped (KEEP=1: left running).
 demo: setup
+	$(VENV)/bin/mofi demo --run $(RUN) --pairs $(PAIRS) --seed $(SEED) $(AIRFLOW_ARGS) $(if $(KEEP),--keep)
+
+# The same stages without Airflow (the CLI engine), e.g. to compare times.
+demo-cli: setup
 	$(VENV)/bin/mofi kb --out $(RUN)/kb
 	$(VENV)/bin/mofi corpus --out $(RUN)/raw --kb $(RUN)/kb --pairs $(PAIRS) --seed $(SEED) --config demo
-	$(VENV)/bin/mofi build-i2e --raw $(RUN)/raw --kb $(RUN)/kb --run $(RUN) --out $(RUN)/i2e --config demo
+	$(VENV)/bin/mofi build-i2e --raw $(RUN)/raw --kb $(RUN)/kb --run $(RUN)/i2e_run --out $(RUN)/i2e --config demo
 	$(VENV)/bin/mofi status $(RUN)
 	$(VENV)/bin/mofi train --i2e $(RUN)/i2e --out $(RUN)/train --config demo
 	$(VENV)/bin/mofi eval --model packaged --images $(RUN)/eval --out $(RUN)/eval_packaged.metrics.json --run-id demo/packaged --results $(RESULTS)
 	$(VENV)/bin/mofi eval --model $(RUN)/train/model.pt --images $(RUN)/eval --run-id demo/mofi --results $(RESULTS)
 	$(VENV)/bin/mofi results --db $(RESULTS) --png $(RUN)/results.png
 
+airflow-up: setup
+	$(VENV)/bin/mofi airflow up --run $(RUN) $(AIRFLOW_ARGS)
+
+airflow-down:
+	$(VENV)/bin/mofi airflow down --run $(RUN)
+
 test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The full chaos suite (kills at random points over several seeds, S3 faults); `make test`
+# runs its quick subset.
+chaos: setup
+	MOFI_CHAOS=full $(PY) -m pytest -q -m chaos
 
 bench: setup
 	$(PY) tests/benchmarks/bench_corpus_memory.py --pairs 100000

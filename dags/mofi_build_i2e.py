@@ -1,46 +1,92 @@
-"""Build an I2E dataset version from raw shards: ner -> score -> vocab -> write, then publish.
+"""Build an I2E dataset version from raw shards: check -> ner -> score (mapped) -> vocab -> write
+-> publish -> report.
 
-Wiring only: each task launches one `mofi` stage in its own process (spark-submit for ner
-and vocab, scoring workers for score), so no heavy compute runs inside the Airflow worker.
-Work files go to ROOT/v=<logical date>/i2e_run, shards to ROOT/v=<logical date>/i2e. Every
-stage skips shards whose done marker exists, so clearing a failed task resumes it. The last
-task updates the ``mofi_i2e`` asset with the version's URI; the training DAG is scheduled
-on it.
+Wiring only: each task launches one `mofi` command in its own process (spark-submit for ner
+and vocab, scoring workers for score) or calls one library function, so no heavy compute
+runs inside the Airflow worker.
+
+* Outputs: ``ROOT/v=VERSION/i2e_run`` (work files) and ``ROOT/v=VERSION/i2e`` (the shards);
+  VERSION is ``params.version`` or the run's date.
+* Spark: ner and vocab are submitted to the master of the Airflow connection
+  ``spark_default`` (``local[*]``, ``spark://``, ``yarn`` or ``k8s://``: set
+  ``AIRFLOW_CONN_SPARK_DEFAULT``, no code change).
+* Scoring: ``prepare_score`` bootstraps the packaged scorer once per version when it is
+  missing and embeds every entity text once; then one mapped ``score`` task per batch of
+  ``params.score_batch_shards`` shards (at most 1024 batches) runs in the ``gpu`` pool, whose
+  slots are the devices. A failed batch is retried; if it still fails, the other batches
+  finish, ``report`` fails naming the failed shards, and clearing that one task after a fix
+  completes the version without redoing the rest.
+* Every stage skips the shards whose done marker exists and matches its files, so a retried
+  or cleared task resumes. ``publish`` updates the ``mofi_i2e`` asset with the version's URI:
+  the training DAG is scheduled on it.
+* Schedule: ``MOFI_BUILD_SCHEDULE`` (cron or preset, read from the environment; none by
+  default: triggered). Retries: ``MOFI_TASK_RETRIES`` (2), first delay
+  ``MOFI_RETRY_DELAY_S`` (60 s), doubling.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline_tasks.orchestration import dag_tasks
+
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
-VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
+VERSION = "{{ params.version or (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
+VERSION_ROOT = "{{ params.root }}/v=" + VERSION
 RUN = f"{VERSION_ROOT}/i2e_run"
 I2E = f"{VERSION_ROOT}/i2e"
 COMMON = "--config {{ params.config }} --no-progress"
+INPUTS = "--raw {{ params.raw }} --kb {{ params.kb }}"
+SPARK = "{{ spark_args('spark_default') }}"
 I2E_ASSET = Asset("mofi_i2e")
+
+DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
 
 
 @dag(
     dag_id="mofi_build_i2e",
-    schedule=None,
+    schedule=os.environ.get("MOFI_BUILD_SCHEDULE") or None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    user_defined_macros={"spark_args": dag_tasks.spark_args},
     tags=["mofi", "data"],
     params={
         "root": Param(
-            "runs/airflow", type="string", description="output root (local path or s3://)"
+            os.environ.get("MOFI_ROOT", "runs/airflow"),
+            type="string",
+            minLength=1,
+            description="output root (local path or s3://); versions go to ROOT/v=VERSION",
         ),
-        "raw": Param("runs/demo/raw", type="string", description="raw shards (img2dataset layout)"),
-        "kb": Param("runs/demo/kb", type="string", description="knowledge base root"),
+        "raw": Param(
+            os.environ.get("MOFI_RAW", "runs/demo/raw"),
+            type="string",
+            minLength=1,
+            description="raw shards (img2dataset layout)",
+        ),
+        "kb": Param(
+            os.environ.get("MOFI_KB", "runs/demo/kb"),
+            type="string",
+            minLength=1,
+            description="knowledge base root",
+        ),
         "config": Param(
-            "demo",
+            os.environ.get("MOFI_BUILD_CONFIG", "demo"),
             enum=["cpu_test", "demo", "production"],
-            description="named config (mofi config list)",
+            description="named pipeline config (mofi config list)",
+        ),
+        "version": Param(
+            "",
+            type="string",
+            pattern="^[A-Za-z0-9._-]*$",
+            description="version name (empty: the run's date)",
         ),
         "score_model": Param(
             "",
@@ -54,45 +100,69 @@ I2E_ASSET = Asset("mofi_i2e")
             maximum=1,
             description="vocab similarity threshold override (empty: the config's)",
         ),
+        "score_batch_shards": Param(
+            8,
+            type="integer",
+            minimum=1,
+            description="raw shards per mapped scoring task (grows so that at most 1024 tasks are mapped)",
+        ),
     },
     doc_md=__doc__,
 )
 def mofi_build_i2e():
-    @task.bash
+    @task
+    def check_params(params=None) -> dict:
+        """Inputs exist, the output root is writable, the config is known: before any work."""
+        return dag_tasks.check_build_params(params)
+
+    @task.bash(execution_timeout=timedelta(hours=12))
     def ner() -> str:
-        return (
-            f"{MOFI} ner --raw {{{{ params.raw }}}} --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
-        )
+        return f"{MOFI} ner {INPUTS} --run {RUN} {COMMON} {SPARK}"
 
-    @task.bash
-    def score() -> str:
-        # the packaged scorer is bootstrapped once per version when no checkpoint exists
+    @task.bash(execution_timeout=timedelta(hours=2))
+    def prepare_score() -> str:
         model = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
-        return (
-            f"{MOFI} score --raw {{{{ params.raw }}}} --kb {{{{ params.kb }}}} --run {RUN} {COMMON}"
-            f" --bootstrap-if-missing{model}"
-        )
+        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --bootstrap-if-missing --prepare{model}"
 
-    @task.bash
+    @task
+    def score_batches(run_uri: str, batch_shards: str) -> list[str]:
+        """The scoring plan in batches: one mapped score task each."""
+        return dag_tasks.shard_batches(run_uri, int(batch_shards))
+
+    @task.bash(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
+    def score(shards: str) -> str:
+        model = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
+        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --shards {shards}{model}"
+
+    @task.bash(execution_timeout=timedelta(hours=6))
     def vocab() -> str:
         threshold = (
             "{% if params.threshold is not none %} --threshold {{ params.threshold }}{% endif %}"
         )
-        return f"{MOFI} vocab --kb {{{{ params.kb }}}} --run {RUN} {COMMON}{threshold}"
+        return f"{MOFI} vocab --kb {{{{ params.kb }}}} --run {RUN} {COMMON} {SPARK}{threshold}"
 
-    @task.bash
+    @task.bash(execution_timeout=timedelta(hours=12))
     def write() -> str:
-        return f"{MOFI} write --raw {{{{ params.raw }}}} --run {RUN} --out {I2E} {COMMON} && {MOFI} status {VERSION_ROOT}"
+        return f"{MOFI} write --raw {{{{ params.raw }}}} --run {RUN} --out {I2E} {COMMON}"
 
     @task(outlets=[I2E_ASSET])
     def publish(i2e_uri: str, *, outlet_events=None) -> str:
         """Records the version's URI in the asset event (the train DAG reads it)."""
-        from pipeline_tasks.assets import asset_extra
+        from pipeline_tasks.orchestration.assets import asset_extra
 
         outlet_events[I2E_ASSET].extra = asset_extra(i2e_uri)
         return i2e_uri
 
-    ner() >> score() >> vocab() >> write() >> publish(I2E)
+    @task(trigger_rule="all_done")
+    def report(version_root: str) -> dict:
+        """Shards done per stage; fails naming the failed shards when a stage has any."""
+        return dag_tasks.build_report(version_root)
+
+    batches = score_batches(RUN, "{{ params.score_batch_shards }}")
+    check_params() >> ner() >> prepare_score() >> batches
+    scored = score.expand(shards=batches)
+    done = scored >> vocab() >> write() >> publish(I2E)
+    done >> report(VERSION_ROOT)
 
 
 mofi_build_i2e()

@@ -14,6 +14,8 @@ import sys
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from pipeline_tasks.orchestration import dag_tasks
+
 # The interpreter that parses this file is the project's virtualenv (or the image's).
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
 VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
@@ -25,6 +27,7 @@ VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=dag_tasks.default_args(owner="mofi-data", hours=6),
     tags=["mofi", "data"],
     params={
         "root": Param(

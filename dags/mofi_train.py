@@ -1,24 +1,38 @@
 """Train a MOFI model on an I2E version, evaluate it, post the metrics.
 
 Scheduled on the ``mofi_i2e`` asset (each finished I2E build triggers a run on that
-version's URI) or triggered by hand with ``params.i2e``. Wiring only: training runs under
-torchrun in its own processes (`mofi train`), evaluation in its own process (`mofi eval`),
-which appends to the results store (and pushes to a Pushgateway when ``params.push`` is set).
+version's URI) or triggered by ML ops with params (UI, ``airflow dags trigger mofi_train -c
+'{...}'``, or ``POST /api/v2/dags/mofi_train/dagRuns``): the I2E version, the named config,
+nodes and processes per node. Wiring only: training runs under torchrun in its own processes
+(`mofi train`, one mapped task per node: with ``nnodes`` > 1 each node's task joins the c10d
+rendezvous at ``rdzv_endpoint``), evaluation in its own process (`mofi eval`, one mapped task
+per image folder, plus the packaged backbone as the baseline when ``params.baseline``),
+which appends to the results store and pushes to a Pushgateway when ``params.push`` is set.
 Outputs go to ROOT/<run id>: a cleared or retried train task resumes from its newest
 checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline_tasks.orchestration import dag_tasks
+
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
 I2E = "{{ ti.xcom_pull(task_ids='resolve_i2e') }}"
 OUT = "{{ params.root }}/{{ run_id | replace(':', '_') | replace('+', '_') }}"
+POST = (
+    "{% if params.results %} --results {{ params.results }}{% endif %}"
+    "{% if params.push %} --push {{ params.push }}{% endif %}"
+)
+
+DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
 
 
 @dag(
@@ -27,42 +41,100 @@ OUT = "{{ params.root }}/{{ run_id | replace(':', '_') | replace('+', '_') }}"
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=DEFAULT_ARGS,
     tags=["mofi", "training"],
     params={
         "i2e": Param("", type="string", description="I2E root; empty: the triggering asset's"),
-        "root": Param("runs/airflow/train", type="string", description="training runs root"),
+        "root": Param(
+            os.environ.get("MOFI_TRAIN_ROOT", "runs/airflow/train"),
+            type="string",
+            minLength=1,
+            description="training runs root (each run in ROOT/<run id>)",
+        ),
         "config": Param(
-            "demo",
+            os.environ.get("MOFI_TRAIN_CONFIG", "demo"),
             enum=["cpu_test", "demo", "b16_8gpu"],
             description="named training config (mofi config list)",
         ),
-        "images": Param("runs/demo/eval", type="string", description="held-out eval folder"),
-        "results": Param("", type="string", description="results store URL (empty: default)"),
+        "nnodes": Param(1, type="integer", minimum=1, description="nodes (one train task each)"),
+        "nproc_per_node": Param(
+            0, type="integer", minimum=0, description="processes per node (0: the config's)"
+        ),
+        "rdzv_endpoint": Param(
+            "", type="string", description="HOST:PORT of the c10d rendezvous (nnodes > 1)"
+        ),
+        "images": Param(
+            os.environ.get("MOFI_EVAL_IMAGES", "runs/demo/eval"),
+            type="string",
+            description="eval folders in GPR1200 naming, comma separated",
+        ),
+        "baseline": Param(
+            os.environ.get("MOFI_EVAL_BASELINE", "") == "1",
+            type="boolean",
+            description="also evaluate the packaged backbone on the same folders",
+        ),
+        "results": Param(
+            os.environ.get("MOFI_RESULTS_URL", ""),
+            type="string",
+            description="results store URL (empty: the default)",
+        ),
         "push": Param("", type="string", description="Pushgateway URL (empty: no push)"),
     },
     doc_md=__doc__,
 )
 def mofi_train():
     @task
+    def check_params(params=None) -> list[int]:
+        """The config exists, the folders have images, the output is writable; the node list."""
+        dag_tasks.check_train_params(params)
+        return list(range(int(params["nnodes"])))
+
+    @task
     def resolve_i2e(explicit: str, *, triggering_asset_events=None) -> str:
-        from pipeline_tasks.assets import resolve_i2e_uri
+        from pipeline_tasks.orchestration.assets import resolve_i2e_uri
 
         return resolve_i2e_uri(explicit, triggering_asset_events)
 
-    @task.bash
-    def train() -> str:
-        return f"{MOFI} -q train --i2e {I2E} --out {OUT} --config {{{{ params.config }}}}"
-
-    @task.bash
-    def evaluate() -> str:
-        results = "{% if params.results %} --results {{ params.results }}{% endif %}"
-        push = "{% if params.push %} --push {{ params.push }}{% endif %}"
+    @task.bash(queue="gpu", execution_timeout=timedelta(hours=72))
+    def train(node: int) -> str:
+        dist = (
+            "{% if params.nproc_per_node %} --nproc-per-node {{ params.nproc_per_node }}{% endif %}"
+            "{% if params.nnodes > 1 %} --nnodes {{ params.nnodes }}"
+            " --rdzv-endpoint {{ params.rdzv_endpoint }}{% endif %}"
+        )
         return (
-            f"{MOFI} -q eval --model {OUT}/model.pt --images {{{{ params.images }}}} "
-            f"--run-id {{{{ run_id }}}} --no-progress{results}{push}"
+            f"{MOFI} -q train --i2e {I2E} --out {OUT} --config {{{{ params.config }}}}{dist}"
+            f"  # node {node}"
         )
 
-    resolve_i2e("{{ params.i2e }}") >> train() >> evaluate()
+    @task
+    def folders(images: str) -> list[str]:
+        return dag_tasks.eval_folders(images)
+
+    @task.bash
+    def evaluate(folder: str) -> str:
+        return (
+            f"{MOFI} -q eval --model {OUT}/model.pt --images {folder} "
+            f"--run-id {{{{ run_id }}}} --no-progress{POST}"
+        )
+
+    @task.bash
+    def evaluate_baseline(folder: str) -> str:
+        return (
+            "{% if params.baseline %}"
+            f"{MOFI} -q eval --model packaged --images {folder} --out {OUT}/eval/packaged."
+            f"$(basename {folder}).metrics.json --run-id {{{{ run_id }}}}/packaged --no-progress{POST}"
+            "{% else %}echo 'baseline not requested'{% endif %}"
+        )
+
+    nodes = check_params()
+    i2e = resolve_i2e("{{ params.i2e }}")
+    trained = train.expand(node=nodes)
+    nodes >> i2e >> trained
+    eval_folders = folders("{{ params.images }}")
+    trained >> eval_folders
+    evaluate.expand(folder=eval_folders)
+    evaluate_baseline.expand(folder=eval_folders)
 
 
 mofi_train()

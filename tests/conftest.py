@@ -18,6 +18,8 @@ _AIRFLOW_HOME = tempfile.mkdtemp(prefix="mofi-airflow-home-")
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__PARALLELISM"] = "2"
+# the Spark stages' master comes from this connection, as in a deployment
+os.environ.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", '{"conn_type": "spark", "host": "local[2]"}')
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dags"
 )

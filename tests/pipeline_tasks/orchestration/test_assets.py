@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 
-from pipeline_tasks.assets import asset_extra, resolve_i2e_uri
+from pipeline_tasks.orchestration.assets import asset_extra, resolve_i2e_uri
 from training.core.config import ConfigError
 
 

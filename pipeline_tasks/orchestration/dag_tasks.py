@@ -1,0 +1,136 @@
+"""The library side of the DAGs' small tasks: plain functions, tested without Airflow.
+
+* :func:`check_build_params` / :func:`check_train_params`: the first task of each DAG checks
+  what JSON schema cannot (a named config exists, an input URI is there, an output root is
+  writable) and fails at once with a message that says what to fix;
+* :func:`shard_batches`: the scoring plan cut into batches for Airflow mapping (never more
+  than ``MAX_MAP`` entries: the batch grows with the shard count);
+* :func:`spark_args`: the Spark master and deploy mode from an Airflow connection, resolved
+  the way the provider's ``SparkSubmitOperator`` resolves it;
+* :func:`build_report`: the last task: fails naming the failed shards of every stage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from training.core import storage
+from training.core.config import ConfigError
+
+MAX_MAP = 1024  # Airflow's default max_map_length
+
+
+def default_args(owner: str, hours: float = 6) -> dict[str, Any]:
+    """Owner, retries with exponential backoff and a timeout for every task of a DAG.
+
+    ``MOFI_TASK_RETRIES`` (2) and ``MOFI_RETRY_DELAY_S`` (60: the first delay, doubling up to
+    30 min) come from the environment of the process that parses the DAGs."""
+    import os
+    from datetime import timedelta
+
+    return {
+        "owner": owner,
+        "retries": int(os.environ.get("MOFI_TASK_RETRIES", "2")),
+        "retry_delay": timedelta(seconds=float(os.environ.get("MOFI_RETRY_DELAY_S", "60"))),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=30),
+        "execution_timeout": timedelta(hours=hours),
+    }
+
+
+def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
+    from .. import recipes
+    from ..kb import load_kb
+    from ..raw import discover
+
+    recipes.get(params["config"])  # an unknown config names the known ones
+    problems = []
+    try:
+        shards, bad = discover(params["raw"])
+        if not shards:
+            problems.append(f"raw {params['raw']}: no complete shard ({bad})")
+    except FileNotFoundError as exc:
+        problems.append(str(exc))
+    try:
+        load_kb(params["kb"])
+    except (FileNotFoundError, ConfigError) as exc:
+        problems.append(str(exc))
+    threshold = params.get("threshold")
+    if threshold is not None and not -1.0 <= float(threshold) <= 1.0:
+        problems.append(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
+    if int(params.get("score_batch_shards", 1)) < 1:
+        problems.append("score_batch_shards must be >= 1")
+    try:
+        storage.check_writable(params["root"])
+    except storage.StorageError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems) + ": fix the params and trigger again")
+    return {"raw_shards": len(shards)}
+
+
+def check_train_params(params: dict[str, Any]) -> None:
+    from training import recipes as train_recipes
+
+    train_recipes.get(params["config"])
+    problems = []
+    for folder in eval_folders(params.get("images", "")):
+        if not storage.exists(storage.join(folder, "classes.json")) and not storage.list_files(
+            folder, suffix=".jpg"
+        ):
+            problems.append(f"eval folder {folder} has no images")
+    if int(params.get("nnodes", 1)) > 1 and ":" not in params.get("rdzv_endpoint", ""):
+        problems.append("nnodes > 1 needs rdzv_endpoint HOST:PORT")
+    try:
+        storage.check_writable(params["root"])
+    except storage.StorageError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems) + ": fix the params and trigger again")
+
+
+def eval_folders(images: str) -> list[str]:
+    return [f.strip() for f in (images or "").split(",") if f.strip()]
+
+
+def shard_batches(run_uri: str, batch_shards: int) -> list[str]:
+    """The score plan's shards as comma-joined batches, at most ``MAX_MAP`` of them."""
+    from ..runtime.layout import SCORE, RunLayout
+
+    plan = RunLayout(run_uri).store(SCORE).read_plan()
+    if not plan or not plan["shards"]:
+        raise ConfigError(f"no score plan under {run_uri}: the prepare task did not run")
+    shards = plan["shards"]
+    size = max(int(batch_shards), math.ceil(len(shards) / MAX_MAP))
+    return [",".join(shards[i : i + size]) for i in range(0, len(shards), size)]
+
+
+def spark_args(conn_id: str = "spark_default") -> str:
+    """``--master M [--deploy-mode D]`` from the Airflow connection ``conn_id`` (at task run
+    time: a data engineer points it at spark://, yarn or k8s:// without touching code)."""
+    import shlex
+
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+
+    conn = SparkSubmitHook(conn_id=conn_id)._resolve_connection()
+    args = ["--master", conn["master"]]
+    if conn.get("deploy_mode"):
+        args += ["--deploy-mode", conn["deploy_mode"]]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def build_report(version_root: str) -> dict[str, Any]:
+    """Every stage of a build version; raise naming the failed shards when there are any."""
+    from ..runtime import status
+
+    stages = status.summarize_run(version_root)
+    failed = {
+        f"{s['where']}:{s['stage']}": s["failed_shards"] for s in stages if s["failed_shards"]
+    }
+    if failed:
+        raise RuntimeError(
+            f"build {version_root} has failed shards {failed}; fix the cause, then clear the "
+            "failed task(s): the rest of the version is kept"
+        )
+    return {f"{s['where']}:{s['stage']}": s["done"] for s in stages}

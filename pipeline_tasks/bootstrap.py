@@ -64,6 +64,14 @@ class BootstrapConfig(cfg.StageConfig):
     weight_decay: float = cfg.field(0.05, "AdamW weight decay")
     val_fraction: float = cfg.field(0.1, "held-out images for early stopping")
     seed: int = cfg.field(0, "seed for head init and batch order")
+    target_prior: str = cfg.field(
+        "coherence",
+        "how an image's linked candidates share its target: coherence (by visual consistency with "
+        "the other images linking the same entity) or uniform",
+    )
+    coherence_tau: float = cfg.field(
+        0.1, "temperature of the coherence prior (lower: closer to the most coherent candidate)"
+    )
     loader_workers: int = cfg.field(1, "decode processes")
     precision: str = cfg.field("auto", "autocast for the locked towers: auto, bf16, fp32")
 
@@ -74,6 +82,10 @@ class BootstrapConfig(cfg.StageConfig):
         self._check(0.01 <= self.val_fraction < 0.5, "val_fraction", "must be in [0.01, 0.5)")
         self._check(self.objective in ("entity", "caption"), "objective", "entity or caption")
         self._check(self.patience >= 1, "patience", "must be >= 1")
+        self._check(
+            self.target_prior in ("coherence", "uniform"), "target_prior", "coherence or uniform"
+        )
+        self._check(self.coherence_tau > 0, "coherence_tau", "must be > 0")
 
 
 class _PairStream(IterableDataset):
@@ -158,6 +170,47 @@ def _entity_targets(
     return entities, {i: sorted(col[e] for e in v) for i, v in cands.items()}
 
 
+def coherence_prior(feats, cand: dict[int, list[int]], tau: float, top: int = 3) -> dict[int, Any]:
+    """image row -> weights over its candidates, from visual consistency.
+
+    An image's true entity is linked in the alt-text of other images that look like it (the
+    same subject); a distractor (a person or place named beside the subject) or a generic
+    concept is linked beside images that look like anything. The coherence of (image i,
+    candidate e) is the mean cosine similarity of i's tower features (centred) to its
+    ``top`` most similar other images linking e; the weights are a softmax of it at
+    temperature ``tau``. Images whose candidates no other image links keep uniform weights.
+    The heads then learn mostly from each image's coherent candidate (noisy-label learning
+    with a consistency prior), which matters most when the corpus is small."""
+    import torch
+    import torch.nn.functional as F
+
+    fz = F.normalize(feats - feats.mean(0, keepdim=True), dim=-1)
+    by_entity: dict[int, list[int]] = {}
+    for i, cs in cand.items():
+        for e in cs:
+            by_entity.setdefault(e, []).append(i)
+    coh: dict[tuple[int, int], float] = {}
+    for e, rows in by_entity.items():
+        if len(rows) < 2:
+            continue
+        x = fz[rows]
+        for a in range(0, len(rows), 2048):  # bounded memory for generic entities
+            s = x[a : a + 2048] @ x.t()
+            idx = torch.arange(a, min(a + 2048, len(rows)))
+            s[torch.arange(len(idx)), idx] = -2.0  # not itself
+            k = min(top, len(rows) - 1)
+            vals = s.topk(k, dim=1).values.mean(1)
+            for r, v in zip(rows[a : a + 2048], vals.tolist(), strict=True):
+                coh[(r, e)] = v
+    out = {}
+    for i, cs in cand.items():
+        if not any((i, e) in coh for e in cs):
+            continue
+        z = torch.tensor([coh.get((i, e), 0.0) for e in cs])
+        out[i] = torch.softmax(z / tau, dim=0)
+    return out
+
+
 def bootstrap_scorer(
     c: BootstrapConfig,
     raw_uri: str,
@@ -233,9 +286,10 @@ def bootstrap_scorer(
             )
         fe = fe.view(len(entities), len(prompts), -1)
         rows = torch.tensor(sorted(cand), dtype=torch.long)
+        prior = coherence_prior(fi, cand, c.coherence_tau) if c.target_prior == "coherence" else {}
         target = torch.zeros(len(rows), len(entities))
         for r, i in enumerate(rows.tolist()):
-            target[r, cand[i]] = 1.0 / len(cand[i])
+            target[r, cand[i]] = prior.get(i, torch.full((len(cand[i]),), 1.0 / len(cand[i])))
     else:
         entities, rows, ft = [], torch.arange(fi.shape[0]), torch.cat(txt_feats)
     t_feat = time.time() - t0

@@ -54,6 +54,8 @@ def cpu_test() -> PipelineConfig:
         b,
         name="cpu_test",
         kb=b.kb.replace(sources=("vital", "countries"), max_summary_chars=200),
+        # test corpora are too small to calibrate on (tens of images): a fixed threshold
+        vocab=b.vocab.replace(threshold_mode="absolute"),
     )
 
 
@@ -86,7 +88,7 @@ def production() -> PipelineConfig:
         ),
         # open_clip cosine similarities of an image and an entity prompt sit on a lower scale
         # than the packaged scorer's: see the README's filter section
-        vocab=b.vocab.replace(threshold=0.25, top_k=3),
+        vocab=b.vocab.replace(threshold_mode="absolute", threshold=0.25, top_k=3),
         write=b.write.replace(shard_size=10_000, workers=8),
     )
 

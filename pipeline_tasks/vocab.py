@@ -1,9 +1,11 @@
 """`mofi vocab`: the Spark job that filters (image, entity) pairs and builds the entity vocabulary.
 
-Keeps a pair when its similarity passes the absolute threshold, and optionally when it is
-among the image's top-k and above its entity's quantile; counts images per entity, drops
-entities seen on fewer than ``min_count`` images, and assigns class indices in entity-id
-order (the same kept set always gives the same indices). Writes
+Scores each candidate pair (similarity plus visual coherence), keeps an image's best
+``top_k`` above a threshold calibrated on the run's own scores (or an absolute one for a
+scorer of known scale), counts images per entity, drops entities seen too rarely, and
+assigns class indices in entity-id order (the same kept set always gives the same indices);
+see :mod:`pipeline_tasks.filtering` for each rule. An empty or collapsed output fails with
+a message naming the setting to change. Writes
 
 * ``RUN/vocab/vocab.parquet``: entity_id, name, description, n_images, class_index;
 * ``RUN/labels/{shard}.parquet``: key, entity_ids, class_indices, similarities, the kept
@@ -22,6 +24,7 @@ from training.core import config as cfg
 from training.core import storage
 from training.core.i2e import VOCAB_FILE
 
+from .filtering import FilterError
 from .runtime.executor import StageResult, stage_lease
 from .runtime.layout import LABELS, SCORE, VOCAB, RunLayout
 from .runtime.markers import verify_done
@@ -53,26 +56,64 @@ LABELS_SCHEMA = pa.schema(
 class VocabConfig(cfg.StageConfig):
     """Which (image, entity) pairs survive, and which entities become classes."""
 
+    threshold_mode: str = cfg.field(
+        "calibrated",
+        "calibrated (the threshold is read off each run's own scores: see null_quantile) or "
+        "absolute (threshold, for a scorer of known scale such as a CLIP)",
+    )
+    null_quantile: float = cfg.field(
+        0.8,
+        "calibrated: a kept pair scores above this quantile of the scores of each image's "
+        "non-best candidates (the null)",
+    )
+    min_null_pairs: int = cfg.field(
+        200, "calibrated: fewer null scores than this cannot calibrate (an error, not a guess)"
+    )
+    coherence_weight: float = cfg.field(
+        1.0,
+        "calibrated: score = similarity + this x visual coherence (the image against the other "
+        "images linking the entity; 0: similarity alone)",
+    )
     threshold: float = cfg.field(
         0.4,
-        "keep pairs with similarity >= this (scorer-specific: 0.4 for the packaged scorer, see README)",
+        "absolute: keep pairs with similarity >= this (scorer-specific; see README)",
     )
-    top_k: int = cfg.field(
-        1, "also keep at most this many entities per image, most similar first (0: no limit)"
-    )
+    top_k: int = cfg.field(1, "keep at most this many entities per image, best first (0: no limit)")
     entity_quantile: float = cfg.field(
         0.0, "also drop pairs below this quantile of their entity's similarities (0: off)"
     )
     min_count: int = cfg.field(
         3, "entities on fewer images are dropped (the paper keeps entities seen often enough)"
     )
+    min_count_max_drop: float = cfg.field(
+        0.05,
+        "min_count is lowered until the entities it drops hold at most this share of the kept "
+        "labels (small corpora; 1.0: always apply min_count)",
+    )
+    min_kept_fraction: float = cfg.field(
+        0.05,
+        "fail when fewer scored images than this share keep a label (an empty or collapsed "
+        "output is an error, not a result)",
+    )
     spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")
 
     def validate(self) -> None:
+        self._check(
+            self.threshold_mode in ("calibrated", "absolute"),
+            "threshold_mode",
+            "calibrated or absolute",
+        )
+        self._check(0.0 < self.null_quantile < 1.0, "null_quantile", "must be in (0, 1)")
+        self._check(self.min_null_pairs >= 1, "min_null_pairs", "must be >= 1")
+        self._check(self.coherence_weight >= 0, "coherence_weight", "must be >= 0")
         self._check(-1.0 <= self.threshold <= 1.0, "threshold", "cosine similarity: in [-1, 1]")
         self._check(self.top_k >= 0, "top_k", "must be >= 0")
         self._check(0.0 <= self.entity_quantile < 1.0, "entity_quantile", "must be in [0, 1)")
         self._check(self.min_count >= 1, "min_count", "must be >= 1")
+        self._check(
+            0.0 <= self.min_count_max_drop <= 1.0, "min_count_max_drop", "must be in [0, 1]"
+        )
+        self._check(0.0 <= self.min_kept_fraction < 1.0, "min_kept_fraction", "must be in [0, 1)")
 
 
 def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = True) -> StageResult:
@@ -131,22 +172,30 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
     config.save(vocab_dir)
     spec = {
         "score_files": [[s, layout.output(SCORE, s)] for s in done],
+        "embedding_files": [[s, layout.image_embeddings(s)] for s in done],
         "kb_uri": kb_uri,
         "run_uri": layout.root,
         "config": config.to_dict(),
     }
     t0 = time.time()
-    run_spark_job(
-        JOB_SCRIPT,
-        spec,
-        config.spark,
-        STAGE,
-        lstore,
-        done,
-        progress,
-        layout.local_work_dir(),
-        extra_stores=[(vstore, ["00000"])],
-    )
+    try:
+        run_spark_job(
+            JOB_SCRIPT,
+            spec,
+            config.spark,
+            STAGE,
+            lstore,
+            done,
+            progress,
+            layout.local_work_dir(),
+            extra_stores=[(vstore, ["00000"])],
+        )
+    except RuntimeError as exc:
+        failed = vstore.read_all().get("00000", {})
+        if failed.get("state") == "failed" and failed.get("error", "").startswith("filter:"):
+            # the job refused to publish an empty or untrustworthy output: say why, in one line
+            raise FilterError(failed["error"][len("filter: ") :]) from exc
+        raise
     result.processed = len(done)
     result.seconds = round(time.time() - t0, 2)
     st = vstore.read_done("00000")

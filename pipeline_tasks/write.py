@@ -27,6 +27,7 @@ from training.core import storage
 from training.core.i2e import I2ELayout
 
 from . import raw as raw_mod
+from .filtering import FilterError
 from .ner import planned_raw_shards
 from .runtime import markers
 from .runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
@@ -242,6 +243,11 @@ def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
             )
         counts.append((sid, t.num_rows))
     outs = plan_output(counts, c.shard_size)
+    if not outs:
+        raise FilterError(
+            f"no labelled image to write under {layout.stage_dir(LABELS)}: the vocab stage kept "
+            "nothing; see `mofi status` and the vocab settings (mofi config doc NAME)"
+        )
     store = markers.MarkerStore(i2e_uri, STAGE)
     store.write_plan(
         [o["out"] for o in outs], {"skipped": problems, "shard_size": c.shard_size, "run": run_uri}

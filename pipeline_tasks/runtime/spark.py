@@ -155,8 +155,9 @@ def run_spark_job(
             tail = "".join(f.readlines()[-40:])
         error = f"spark job {name} failed (exit {proc.returncode}); full log: {log_path}"
         for st, ids in [(store, shards), *extra_stores]:
-            for sid in ids:
-                if not st.is_done(sid):
+            recs = st.read_all()
+            for sid in ids:  # a failure the job recorded itself keeps its own message
+                if recs.get(sid, {}).get("state") not in ("done", "failed"):
                     st.mark_failed(sid, error, markers.ShardStats())
         raise RuntimeError(f"{error}\n{tail}")
     shutil.rmtree(job_dir, ignore_errors=True)

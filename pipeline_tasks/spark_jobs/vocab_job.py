@@ -16,6 +16,10 @@ from collections.abc import Iterator
 import pandas as pd
 
 SCORE_SCHEMA = "shard string, key string, entity_id string, similarity float"
+EMBEDDING_SCHEMA = "shard string, key string, embedding array<float>"
+SCORED_SCHEMA = (
+    "shard string, key string, entity_id string, similarity float, coherence float, score float"
+)
 LABEL_STATS = "shard string, n long"
 
 
@@ -73,14 +77,38 @@ def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"shard": shard, "n": len(keys)}])
 
 
+def read_embeddings(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    from training.core import storage
+
+    for pdf in batches:
+        for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
+            with storage.open_read(uri) as f:
+                t = pq.read_table(f, columns=["key", "embedding"]).to_pandas()
+            t.insert(0, "shard", shard)
+            yield t
+
+
+def fail(vstore, message: str) -> int:
+    """Record why the filter refused to publish (the driver reports it in one line)."""
+    from pipeline_tasks.runtime import markers
+
+    vstore.mark_failed("00000", f"filter: {message}", markers.ShardStats())
+    print(f"MOFI_FILTER_ERROR {message}", flush=True)
+    return 3
+
+
 def main(spec_path: str) -> int:
     from functools import partial
 
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql import SparkSession, Window
     from pyspark.sql import functions as F
 
+    from pipeline_tasks import filtering
     from pipeline_tasks.kb import load_kb
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import LABELS, VOCAB, RunLayout
@@ -96,10 +124,10 @@ def main(spec_path: str) -> int:
     vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running("00000")
     files = spec["score_files"]
-    n_parts = min(len(files), 2 * spark.sparkContext.defaultParallelism)
+    n_parts = max(1, min(len(files), 2 * spark.sparkContext.defaultParallelism))
     scores = (
         spark.createDataFrame(files, "shard string, uri string")
-        .repartition(max(1, n_parts))
+        .repartition(n_parts)
         .mapInPandas(read_scores, schema=SCORE_SCHEMA)
     )
     scores = scores.cache()
@@ -108,27 +136,91 @@ def main(spec_path: str) -> int:
         r["shard"]: r["n"]
         for r in scores.groupBy("shard").agg(F.countDistinct("key").alias("n")).collect()
     }
-    kept = scores.filter(F.col("similarity") >= F.lit(float(c["threshold"])))
-    if c["top_k"] > 0:
-        w = Window.partitionBy("shard", "key").orderBy(F.desc("similarity"), F.asc("entity_id"))
-        kept = (
-            kept.withColumn("_rank", F.row_number().over(w))
-            .filter(F.col("_rank") <= c["top_k"])
-            .drop("_rank")
+    calibrated = c["threshold_mode"] == "calibrated"
+    weight = float(c["coherence_weight"]) if calibrated else 0.0
+    if weight > 0:
+        embs = (
+            spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
+            .repartition(n_parts)
+            .mapInPandas(read_embeddings, schema=EMBEDDING_SCHEMA)
+            .cache()
         )
+        parts = embs.mapInPandas(filtering.embedding_sums, "n long, s array<double>").collect()
+        n_emb = sum(r["n"] for r in parts)
+        mean = np.sum([np.asarray(r["s"]) for r in parts], axis=0) / max(1, n_emb)
+        pairs = scores.join(embs, ["shard", "key"])
+        sums = (
+            pairs.mapInPandas(
+                partial(filtering.partial_sums, mean), "entity_id string, n long, s array<double>"
+            )
+            .groupBy("entity_id")
+            .applyInPandas(filtering.add_partials, "entity_id string, n long, s array<double>")
+        )
+        scored = pairs.join(sums, "entity_id").mapInPandas(
+            partial(filtering.leave_one_out, mean, weight), SCORED_SCHEMA
+        )
+    else:
+        scored = scores.withColumn("coherence", F.lit(0.0).cast("float")).withColumn(
+            "score", F.col("similarity")
+        )
+    if not calibrated:  # an absolute threshold on the similarity, then the top-k survivors
+        scored = scored.filter(F.col("similarity") >= F.lit(float(c["threshold"])))
+    rank = Window.partitionBy("shard", "key").orderBy(F.desc("score"), F.asc("entity_id"))
+    scored = scored.withColumn("_rank", F.row_number().over(rank)).cache()
+    calibration = {"threshold_mode": c["threshold_mode"], "coherence_weight": weight}
+    if calibrated:
+        null = scored.filter(F.col("_rank") > 1)
+        n_null = null.count()
+        try:
+            filtering.require_null_scores(n_null, int(c["min_null_pairs"]))
+        except filtering.FilterError as exc:
+            spark.stop()
+            return fail(vstore, str(exc))
+        # Greenwald-Khanna with a 1e-4 rank error: exact enough, and it scales
+        thr = null.approxQuantile("score", [float(c["null_quantile"])], 1e-4)[0]
+        calibration.update(
+            threshold=round(thr, 6), null_quantile=c["null_quantile"], null_pairs=int(n_null)
+        )
+        kept = scored.filter(F.col("score") >= F.lit(thr))
+    else:
+        calibration["threshold"] = float(c["threshold"])
+        kept = scored
+    if c["top_k"] > 0:
+        kept = kept.filter(F.col("_rank") <= c["top_k"])
+    kept = kept.drop("_rank")
     if c["entity_quantile"] > 0:
         q = kept.groupBy("entity_id").agg(
             F.percentile_approx("similarity", float(c["entity_quantile"]), 10000).alias("_q")
         )
         kept = kept.join(q, "entity_id").filter(F.col("similarity") >= F.col("_q")).drop("_q")
+    kept = kept.cache()
     counts = kept.groupBy("entity_id").agg(F.countDistinct("shard", "key").alias("n_images"))
-    candidates = counts.count()
+    counts_pd = counts.toPandas()
+    candidates = len(counts_pd)
+    min_count = filtering.effective_min_count(
+        dict(zip(counts_pd["entity_id"], counts_pd["n_images"], strict=True)),
+        int(c["min_count"]),
+        float(c["min_count_max_drop"]),
+    )
+    calibration["min_count"] = min_count
     vocab = (
-        counts.filter(F.col("n_images") >= int(c["min_count"]))
-        .toPandas()
+        counts_pd[counts_pd["n_images"] >= min_count]
         .sort_values("entity_id")
         .reset_index(drop=True)
     )
+    how = ", ".join(f"{k}={v}" for k, v in calibration.items())
+    images_labelled_est = int(vocab["n_images"].sum()) if len(vocab) else 0
+    try:
+        filtering.check_output(
+            int(sum(images_in.values())),
+            images_labelled_est,
+            len(vocab),
+            float(c["min_kept_fraction"]),
+            how,
+        )
+    except filtering.FilterError as exc:
+        spark.stop()
+        return fail(vstore, str(exc))
     vocab["class_index"] = range(len(vocab))
     kb = load_kb(spec["kb_uri"]).select(["entity_id", "name", "description"]).to_pandas()
     vocab = vocab.merge(kb, on="entity_id", how="left")
@@ -147,7 +239,9 @@ def main(spec_path: str) -> int:
     n_labelled = 0
     written = set()
     if idx is not None:
-        labelled = kept.join(F.broadcast(idx), "entity_id")
+        labelled = kept.select("shard", "key", "entity_id", "similarity").join(
+            F.broadcast(idx), "entity_id"
+        )
         spec["images_in"] = images_in
         res = (
             labelled.groupBy("shard")
@@ -181,6 +275,7 @@ def main(spec_path: str) -> int:
         "entities_kept": int(len(vocab)),
         "images_in": int(sum(images_in.values())),
         "images_labelled": int(n_labelled),
+        "calibration": calibration,
     }
     vstore.mark_done("00000", st)
     print("MOFI_VOCAB", json.dumps(st.extra), flush=True)

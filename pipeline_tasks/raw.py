@@ -118,11 +118,20 @@ def image_bytes(group: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = None):
-    """(PIL RGB image, None) or (None, drop reason). Checks the header before decoding."""
+def _reason(exc: Exception) -> str:
     from PIL import Image, UnidentifiedImageError
 
-    from training.transforms import as_rgb
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image_too_large"
+    if isinstance(exc, UnidentifiedImageError):
+        return "image_corrupt"
+    return "image_truncated" if "truncated" in str(exc).lower() else "image_corrupt"
+
+
+def open_image(data: bytes | None, max_pixels: int):
+    """(PIL image with only its header read, None) or (None, drop reason): the checks every
+    decoder (PIL, or the device's) runs before it spends time on the pixels."""
+    from PIL import Image
 
     if data is None:
         return None, "image_missing"
@@ -131,21 +140,30 @@ def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = N
     try:
         im = Image.open(io.BytesIO(data))
         w, h = im.size
-        if w <= 0 or h <= 0:
-            return None, "image_corrupt"
-        if w * h > max_pixels:
-            return None, "image_too_large"
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        return None, _reason(exc)
+    if w <= 0 or h <= 0:
+        return None, "image_corrupt"
+    if w * h > max_pixels:
+        return None, "image_too_large"
+    return im, None
+
+
+def decode_image(data: bytes | None, max_pixels: int, draft_size: int | None = None):
+    """(PIL RGB image, None) or (None, drop reason). Checks the header before decoding."""
+    from training.transforms import as_rgb
+
+    im, reason = open_image(data, max_pixels)
+    if reason:
+        return None, reason
+    try:
         if draft_size and im.format == "JPEG":
             # decode at a reduced DCT scale when the image is far larger than needed
             im.draft("RGB", (draft_size, draft_size))
         im.load()
         return as_rgb(im), None
-    except Image.DecompressionBombError:
-        return None, "image_too_large"
-    except UnidentifiedImageError:
-        return None, "image_corrupt"
     except (OSError, SyntaxError, ValueError) as exc:
-        return None, "image_truncated" if "truncated" in str(exc).lower() else "image_corrupt"
+        return None, _reason(exc)
 
 
 def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

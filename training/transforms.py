@@ -14,15 +14,36 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def resized_shape(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """(new width, new height, left, top): shorter side to ``size``, then the central crop."""
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def resize_center_crop(im: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
     """Shorter side to ``size``, then the central ``size`` x ``size`` crop."""
     w, h = im.size
     s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    nw, nh, _, _ = resized_shape(w, h, size)
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), resample, reducing_gap=3.0 if s < 0.5 else None)
     left, top = (nw - size) // 2, (nh - size) // 2
     return im.crop((left, top, left + size, top + size))
+
+
+def resize_center_crop_tensor(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The tensor twin of :func:`resize_center_crop` for a uint8 CHW image on any device:
+    antialiased bicubic (PIL's kernel, a = -0.5, widened when shrinking), the same output
+    size and crop, rounded back to uint8."""
+    h, w = img.shape[-2:]
+    nw, nh, left, top = resized_shape(w, h, size)
+    if (nw, nh) != (w, h):
+        x = torch.nn.functional.interpolate(
+            img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )[0]
+        img = x.round_().clamp_(0, 255).to(torch.uint8)
+    return img[:, top : top + size, left : left + size]
 
 
 def as_rgb(im: Image.Image) -> Image.Image:

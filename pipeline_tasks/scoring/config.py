@@ -25,10 +25,16 @@ class ScoreConfig(cfg.StageConfig):
     )
     decode: str = cfg.field(
         "auto",
-        "where images are decoded: processes (loader processes overlapped with the model: for "
-        "GPUs), threads (a thread pool inside the worker, between forward passes: for CPU, where "
-        "an overlapped decoder takes cores from the model's threads), auto (threads on CPU, "
-        "processes on CUDA)",
+        "where images are decoded: device (loader processes read tar members, JPEG batches are "
+        "decoded, resized and cropped on the GPU: nvJPEG, PIL for what it rejects), processes "
+        "(PIL in loader processes overlapped with the model), threads (a thread pool inside "
+        "the worker, between forward passes: for CPU, where an overlapped decoder takes cores "
+        "from the model's threads), auto (threads on CPU, device on CUDA)",
+    )
+    jpeg_draft: bool = cfg.field(
+        True,
+        "PIL paths: decode a JPEG at a reduced DCT scale when it is at least twice the model's "
+        "input size (measured: labels move by less than 0.005; see README)",
     )
     loader_workers: int = cfg.field(
         0,
@@ -70,9 +76,9 @@ class ScoreConfig(cfg.StageConfig):
         self._check(self.loader_workers >= 0, "loader_workers", "must be >= 0")
         self._check(self.decode_phase_images >= 1, "decode_phase_images", "must be >= 1")
         self._check(
-            self.decode in ("auto", "processes", "threads"),
+            self.decode in ("auto", "device", "processes", "threads"),
             "decode",
-            "auto, processes or threads",
+            "auto, device, processes or threads",
         )
         self._check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),

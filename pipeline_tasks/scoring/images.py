@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from torch.utils.data import IterableDataset
 
 from .. import raw as raw_mod
@@ -41,16 +40,53 @@ def _spread_over_all_cores(worker_id: int) -> None:
         pass
 
 
-class ShardStream(IterableDataset):
-    """Iterable over (kind, shard, ...) items: uint8 image batches per shard, then its end record.
+TAR_DROPS = {
+    "unsafe_member_name",
+    "non_file_member",
+    "member_too_large",
+    "tar_truncated",
+    "tar_unreadable",
+}
 
-    In loader processes (``decode=processes``) each process takes whole shards
-    (``shards[worker::workers]``), so reading a tar is sequential and decoding overlaps the
-    model's compute in the parent. Iterated in the worker itself (``decode=threads``), the tar
+
+def merge_parts(parts: list[dict[str, Any]]) -> markers.ShardStats:
+    """One shard's stats from the parts its loaders read (a loader reads every record
+    ``i % parts == part``): counts and drops added; the candidates no part saw in the tar
+    (and no tar-level drop explains) are ``image_missing_in_tar``, so that
+    ``n_in = images scored + sum(drops)``."""
+    st = markers.ShardStats()
+    seen = 0
+    for p in parts:
+        one = markers.ShardStats.from_dict(p)
+        st.n_in += one.n_in
+        seen += int(one.extra.get("seen", 0))
+        for reason, n in one.drops.items():
+            st.drop(reason, n)
+    tar_drops = sum(n for r, n in st.drops.items() if r in TAR_DROPS)
+    missing = st.n_in - seen - tar_drops
+    if missing > 0:
+        st.drop("image_missing_in_tar", missing)
+    return st
+
+
+class ShardStream(IterableDataset):
+    """Iterable over (kind, shard, ...) items: image batches per shard, then its end record.
+
+    * ``("batch", shard, keys, uint8 NCHW batch, candidates per key)``: decoded with PIL;
+      ``raw=True`` yields ``("bytes", shard, keys, [image bytes], candidates)`` instead, for
+      a worker that decodes on its device;
+    * ``("end", shard, stats, parts)``: this part of the shard is done (the worker publishes
+      the shard when all ``parts`` have ended, see :func:`merge_parts`);
+    * ``("fail", shard, error)``: the shard fails alone.
+
+    In ``W`` loader processes every process reads every shard and takes the records
+    ``i % W == w``, so a worker with a single shard still uses all its loaders (reading a tar
+    is cheap next to decoding it). Iterated in the worker itself (``decode=threads``), the tar
     is read in order, each image is handed to one of ``decode_threads`` threads as it is read
     (PIL releases the GIL while it decodes and resizes), and ``phase_batches`` batches are
     decoded before the first is yielded: longer phases amortise the pool's ramp-up and the
-    model's restart. Either way a shard's batches hold the same images in the same order.
+    model's restart. Each shard's scores are sorted when published, so how records are split
+    and interleaved never changes the output.
     """
 
     def __init__(
@@ -61,6 +97,8 @@ class ShardStream(IterableDataset):
         max_pixels: int,
         decode_threads: int = 1,
         phase_batches: int = 1,
+        raw: bool = False,
+        draft: bool = True,
     ):
         self.shards = shards  # (shard id, tar uri, mentions uri)
         self.image_size = image_size
@@ -68,13 +106,17 @@ class ShardStream(IterableDataset):
         self.max_pixels = max_pixels
         self.decode_threads = decode_threads
         self.phase_batches = phase_batches  # batches decoded before the first of them is yielded
+        self.raw = raw
+        self.draft = draft
 
     def _decode(self, data: bytes | None):
         """(uint8 HWC array, None) or (None, drop reason). No torch here: a torch op in a
         decode thread would start an OpenMP team of its own."""
         from training.transforms import resize_center_crop, to_uint8_hwc
 
-        im, reason = raw_mod.decode_image(data, self.max_pixels, draft_size=self.image_size)
+        im, reason = raw_mod.decode_image(
+            data, self.max_pixels, draft_size=self.image_size if self.draft else None
+        )
         if reason:
             return None, reason
         return to_uint8_hwc(resize_center_crop(im, self.image_size)), None
@@ -84,20 +126,23 @@ class ShardStream(IterableDataset):
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
             _spread_over_all_cores(info.id)
         pool = None
-        if self.decode_threads > 1:
+        if self.decode_threads > 1 and not self.raw:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mofi-decode")
         # with a pool, an image is decoded while the tar goes on being read
-        decode = (lambda d: pool.submit(self._decode, d).result) if pool else self._decoded
+        if self.raw:
+            decode = _kept  # bytes only: the worker decodes on its device
+        else:
+            decode = (lambda d: pool.submit(self._decode, d).result) if pool else self._decoded
         try:
-            for sid, tar_uri, mentions_uri in mine:
-                yield from self._shard(sid, tar_uri, mentions_uri, decode)
+            for sid, tar_uri, mentions_uri in self.shards:
+                yield from self._shard(sid, tar_uri, mentions_uri, decode, part, parts)
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
@@ -106,18 +151,18 @@ class ShardStream(IterableDataset):
         out = self._decode(data)
         return lambda: out
 
-    def _shard(self, sid: str, tar_uri: str, mentions_uri: str, decode) -> Iterator[tuple]:
+    def _shard(self, sid, tar_uri, mentions_uri, decode, part: int, parts: int) -> Iterator[tuple]:
         from training.transforms import stack_hwc
 
         stats = markers.ShardStats()
         drop = markers.DropLogger(stats, log)
         try:
             cands = read_candidates(mentions_uri)
-            stats.n_in = len(cands)
+            stats.n_in = len(cands) if part == 0 else 0
             seen: set[str] = set()
             todo: list[tuple[str, Any]] = []  # (key, callable giving its decode result)
             keys: list[str] = []
-            imgs: list[np.ndarray] = []
+            imgs: list[Any] = []
 
             def decode_todo() -> None:
                 for base, result in todo:
@@ -130,12 +175,22 @@ class ShardStream(IterableDataset):
                 todo.clear()
 
             def batch(n: int) -> tuple:
-                x = stack_hwc(imgs[:n])  # channels-last NCHW, the CPU model's layout
-                out = ("batch", sid, keys[:n], x, [cands[k] for k in keys[:n]])
+                if self.raw:
+                    out = ("bytes", sid, keys[:n], imgs[:n], [cands[k] for k in keys[:n]])
+                else:
+                    x = stack_hwc(imgs[:n])  # channels-last NCHW, the CPU model's layout
+                    out = ("batch", sid, keys[:n], x, [cands[k] for k in keys[:n]])
                 del keys[:n], imgs[:n]
                 return out
 
-            for key, group in raw_mod.iter_tar_samples(tar_uri, drop, wanted=raw_mod.IMAGE_EXTS):
+            records = raw_mod.iter_tar_samples(
+                tar_uri,
+                drop if part == 0 else _ignore,  # every part reads the whole tar: count once
+                wanted=raw_mod.IMAGE_EXTS,
+            )
+            for i, (key, group) in enumerate(records):
+                if i % parts != part:
+                    continue
                 base = key.rsplit("/", 1)[-1]
                 if base not in cands or base in seen:
                     continue
@@ -148,9 +203,20 @@ class ShardStream(IterableDataset):
             decode_todo()
             while keys:
                 yield batch(min(len(keys), self.batch_size))
-            missing = len(set(cands) - seen) - sum(stats.drops.values())
-            if missing > 0:
-                stats.drop("image_missing_in_tar", missing)
-            yield ("end", sid, stats.to_dict())
+            stats.extra["seen"] = len(seen)
+            yield ("end", sid, stats.to_dict(), parts)
         except Exception as exc:  # the shard fails alone
             yield ("fail", sid, f"{type(exc).__name__}: {exc}")
+
+
+def _kept(data: bytes | None):
+    """Raw mode: the bytes themselves (an empty or missing image is still a counted drop)."""
+    if not data:
+        out = (None, "image_missing" if data is None else "image_empty")
+    else:
+        out = (data, None)
+    return lambda: out
+
+
+def _ignore(reason: str, detail: str = "") -> None:
+    pass

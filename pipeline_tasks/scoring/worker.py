@@ -11,8 +11,10 @@ heap is reused exactly and memory stays flat.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,12 +28,15 @@ from ..runtime.executor import ShardOutcome, ShardStage, ShardTask
 from ..runtime.layout import SCORE, RunLayout
 from .backends import build_backend, reference_batch
 from .config import ScoreConfig
+from .device_decode import DeviceDecoder
 from .embeddings import read_entity_matrix
-from .images import ShardStream
+from .images import ShardStream, merge_parts
 
+log = logging.getLogger(__name__)
 SCORE_SCHEMA = pa.schema(
     [("key", pa.string()), ("entity_id", pa.string()), ("similarity", pa.float32())]
 )
+EMBEDDING_TYPE = pa.list_(pa.float32())  # each scored image's embedding (vocab's coherence)
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -44,12 +49,14 @@ def resolve_devices(spec: str) -> list[str]:
 
 
 def decode_plan(c: ScoreConfig, device, model_threads: int, world: int) -> tuple[str, int]:
-    """(``threads`` or ``processes``, how many) for one scoring worker on ``device``."""
-    mode = c.decode if c.decode != "auto" else ("threads" if device.type == "cpu" else "processes")
+    """(``threads``, ``processes`` or ``device``, how many) for one worker on ``device``."""
+    mode = c.decode if c.decode != "auto" else ("threads" if device.type == "cpu" else "device")
     if c.loader_workers:
         return mode, c.loader_workers
     if mode == "threads":
         return mode, model_threads
+    if mode == "device":  # the loaders only read tar members: two keep a GPU fed
+        return mode, 2
     share = max(1, (os.cpu_count() or 1) // max(1, world))
     return mode, max(1, share - (model_threads if device.type == "cpu" else 1))
 
@@ -109,13 +116,26 @@ class ScoreStage(ShardStage):
                 c.max_pixels,
                 n_decode,
                 phase_batches=phase,
+                draft=c.jpeg_draft,
             )
             return DataLoader(stream, batch_size=None, num_workers=0), f"{n_decode} {mode}"
-        n_decode = min(n_decode, len(mine))
-        stream = ShardStream(mine, self.backend.image_size, c.batch_size, c.max_pixels)
-        # decoded batches in flight (they pass through /dev/shm): 8, or 2 per loader process
+        # every loader reads every shard and takes its share of the records, so a worker
+        # with a single shard still uses all its loaders
+        stream = ShardStream(
+            mine,
+            self.backend.image_size,
+            c.batch_size,
+            c.max_pixels,
+            raw=mode == "device",
+            draft=c.jpeg_draft,
+        )
+        # batches in flight (decoded ones pass through /dev/shm): 8, or 2 per loader process
         loader = DataLoader(
-            stream, batch_size=None, num_workers=n_decode, prefetch_factor=max(2, 8 // n_decode)
+            stream,
+            batch_size=None,
+            num_workers=n_decode,
+            prefetch_factor=max(2, 8 // n_decode),
+            in_order=False,  # a slow loader never holds up the others' batches
         )
         return loader, f"{n_decode} {mode}"
 
@@ -137,7 +157,17 @@ class ScoreStage(ShardStage):
         if not mine:
             return
         loader, decode = self._loader(mine)
+        decoder = (
+            DeviceDecoder(device, backend.image_size, c.max_pixels)
+            if decode.endswith("device")
+            else None
+        )
+        parts: dict[str, list[dict[str, Any]]] = {}  # shard -> stats of its ended parts
+        device_drops: dict[str, Counter] = {}
+        failed: set[str] = set()
+        t_decode = 0.0
         buffers: dict[str, list[tuple[str, str, float]]] = {}
+        embeddings: dict[str, list[tuple[str, Any]]] = {}  # shard -> (key, image embedding)
         started: dict[str, float] = {}
         t_img, n_img = 0.0, 0
         # the bare forward, interleaved with the real batches, so both see the same machine
@@ -157,8 +187,23 @@ class ScoreStage(ShardStage):
             kind, sid = item[0], item[1]
             if sid not in started:
                 started[sid] = time.time()
+            if sid in failed:  # the rest of a shard that already failed (another part's)
+                continue
+            if kind == "bytes":  # decode on the device; a bad record is a counted drop
+                _, _, keys, datas, cand = item
+                t0 = time.perf_counter()
+                x, kept, bad = decoder(datas)
+                for i, reason in bad.items():
+                    device_drops.setdefault(sid, Counter())[reason] += 1
+                    log.debug("skip [%s] %s/%s", reason, sid, keys[i])
+                t_decode += time.perf_counter() - t0
+                if x is None:
+                    continue
+                kind, keys, cand = "batch", [keys[i] for i in kept], [cand[i] for i in kept]
+            else:
+                x = item[3] if kind == "batch" else None
+                keys, cand = (item[2], item[4]) if kind == "batch" else (None, None)
             if kind == "batch":
-                _, _, keys, x, cand = item
                 t0 = time.perf_counter()
                 n_real = x.shape[0]
                 if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
@@ -174,18 +219,36 @@ class ScoreStage(ShardStage):
                 buffers.setdefault(sid, []).extend(
                     (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
                 )
+                embeddings.setdefault(sid, []).extend(
+                    zip(keys, feats.float().cpu().numpy(), strict=True)
+                )
                 n_batches += 1
                 if self.reference_every and n_batches % self.reference_every == 0:
                     t0 = time.perf_counter()
                     backend.encode_images(ref_x, on_device=True).sum().item()  # .item(): synced
                     t_ref += time.perf_counter() - t0
                     n_ref += c.batch_size
-            elif kind == "end":
-                st = markers.ShardStats.from_dict(item[2])
-                self._publish(sid, sorted(buffers.pop(sid, [])), st, started[sid], store)
+            elif kind == "end":  # one part of the shard is done; publish when all are
+                parts.setdefault(sid, []).append(item[2])
+                if len(parts[sid]) < item[3]:
+                    continue
+                st = merge_parts(parts.pop(sid))
+                for reason, n in device_drops.pop(sid, Counter()).items():
+                    st.drop(reason, n)
+                self._publish(
+                    sid,
+                    sorted(buffers.pop(sid, [])),
+                    sorted(embeddings.pop(sid, []), key=lambda r: r[0]),
+                    st,
+                    started[sid],
+                    store,
+                )
                 yield ShardOutcome(sid, 1)
             else:  # fail
+                failed.add(sid)
                 buffers.pop(sid, None)
+                embeddings.pop(sid, None)
+                parts.pop(sid, None)
                 store.mark_failed(
                     sid,
                     item[2],
@@ -204,10 +267,26 @@ class ScoreStage(ShardStage):
             "reference_s": t_ref,
             "reference_images": n_ref,
             "decode": decode,
+            "device_decode_s": t_decode,
+            "decoded_on_device": decoder.decoded_on_device if decoder else 0,
+            "device_fallbacks": decoder.fallbacks if decoder else 0,
         }
 
-    def _publish(self, sid, rows, st: markers.ShardStats, started_at: float, store) -> None:
-        uri = RunLayout(self.run_uri).output(SCORE, sid)
+    def _publish(self, sid, rows, embs, st: markers.ShardStats, started_at: float, store) -> None:
+        layout = RunLayout(self.run_uri)
+        uri = layout.output(SCORE, sid)
+        emb_uri = layout.image_embeddings(sid)
+        with storage.open_write(emb_uri) as f:
+            pq.write_table(
+                pa.table(
+                    {
+                        "key": [k for k, _ in embs],
+                        "embedding": pa.array([e.tolist() for _, e in embs], EMBEDDING_TYPE),
+                    }
+                ),
+                f,
+                compression="zstd",
+            )
         table = pa.table(
             {
                 "key": [r[0] for r in rows],
@@ -219,7 +298,7 @@ class ScoreStage(ShardStage):
         with storage.open_write(uri) as f:
             pq.write_table(table, f, compression="zstd")
         st.n_out = len({r[0] for r in rows})
-        markers.record_outputs(st, store.root, [uri])
+        markers.record_outputs(st, store.root, [uri, emb_uri])
         st.started_at = started_at
         st.finished_at = time.time()
         st.duration_s = round(st.finished_at - st.started_at, 3)
@@ -246,6 +325,8 @@ class ScoreStage(ShardStage):
             "loader_wait_seconds": round(sum(r["wait_s"] for r in reports), 2),
             "devices": [r["device"] for r in reports],
             "decode": sorted({r["decode"] for r in reports}),
+            "decoded_on_device": sum(r.get("decoded_on_device", 0) for r in reports),
+            "device_fallbacks": sum(r.get("device_fallbacks", 0) for r in reports),
         }
         if any(r["reference_s"] for r in reports):
             bare = sum(

@@ -360,7 +360,11 @@ def test_decode_plan_follows_the_device():
     c = scoring.ScoreConfig()
     assert scoring.decode_plan(c, torch.device("cpu"), 2, 1) == ("threads", 2)
     n = os.cpu_count() or 1
-    assert scoring.decode_plan(c, torch.device("cuda", 0), 2, 1) == ("processes", max(1, n - 1))
+    assert scoring.decode_plan(c, torch.device("cuda", 0), 2, 1) == ("device", 2)
+    assert scoring.decode_plan(c.replace(decode="processes"), torch.device("cuda", 0), 2, 1) == (
+        "processes",
+        max(1, n - 1),
+    )
     assert scoring.decode_plan(c.replace(loader_workers=5), torch.device("cpu"), 2, 1) == (
         "threads",
         5,
@@ -373,3 +377,79 @@ def test_decode_plan_follows_the_device():
 
     with pytest.raises(ConfigError, match="decode"):
         scoring.ScoreConfig(decode="gpu")
+
+
+def test_too_small_to_calibrate_is_refused_with_the_reason(built, tmp_path):
+    """The calibrated filter on a corpus of 64 pairs: a clear failure, shown by status, and
+    no vocabulary or labels published (never an empty or skewed I2E)."""
+    from pipeline_tasks.filtering import FilterError
+    from pipeline_tasks.runtime import status
+
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(built["run"], "ner"), run / "ner")
+    shutil.copytree(os.path.join(built["run"], "score"), run / "score")
+    c = built["config"].vocab.replace(threshold_mode="calibrated")
+    with pytest.raises(FilterError, match="cannot calibrate the filter: only \\d+ null scores"):
+        vocab.run_vocab(c, str(run), built["kb"], progress=False)
+    assert not (run / "vocab" / "vocab.parquet").exists()
+    (s,) = [s for s in status.summarize_run(str(run)) if s["stage"] == "vocab"]
+    assert s["failed"] == 1 and "vocab.min_null_pairs" in s["failed_shards"]["00000"]
+    with pytest.raises(FileNotFoundError, match="run `mofi vocab` first|labels are incomplete"):
+        write.run_write(built["config"].write, built["raw"], str(run), str(tmp_path / "i2e"))
+
+
+def test_device_decode_path_labels_like_the_pil_path(built, tmp_path):
+    """The GPU data path's logic on CPU (PIL decode where nvJPEG is unavailable, then the
+    antialiased resize and crop on the device): similarities within a small distance of the
+    PIL path's, the same best candidate for at least 99% of images, and the hostile shard's
+    bad records counted exactly as on the PIL path."""
+    outs, drops = {}, {}
+    for mode in ("threads", "device"):
+        run = tmp_path / mode
+        shutil.copytree(os.path.join(built["run"], "ner"), run / "ner")
+        c = built["config"].score.replace(
+            decode=mode, batch_size=4, model=RunLayout(built["run"]).scorer_checkpoint
+        )
+        res = scoring.run_score(c, built["raw"], str(run), built["kb"], progress=False)
+        assert not res["failed"] and res["decode"] == [f"2 {mode}"]
+        rows = []
+        for f in sorted(os.listdir(run / "score")):
+            if f.endswith(".parquet") and not f.startswith("_"):
+                rows += pq.read_table(run / "score" / f).to_pylist()
+        outs[mode] = {(r["key"], r["entity_id"]): r["similarity"] for r in rows}
+        drops[mode] = markers.MarkerStore(str(run / "score"), "score").read_done("00010").drops
+    assert outs["threads"].keys() == outs["device"].keys()
+    diff = max(abs(outs["threads"][k] - outs["device"][k]) for k in outs["threads"])
+    assert diff < 0.05, diff
+
+    def best(o):
+        per = {}
+        for (key, e), s in o.items():
+            per.setdefault(key, []).append((s, e))
+        return {k: max(v)[1] for k, v in per.items()}
+
+    a, b = best(outs["threads"]), best(outs["device"])
+    assert sum(a[k] == b[k] for k in a) / len(a) >= 0.99
+    assert drops["threads"] == drops["device"]
+
+
+def test_a_single_shard_uses_all_its_loaders(built, tmp_path):
+    """Three loader processes on one shard: each reads its own share of the records (three
+    parts merged into one done marker), and the scores equal the in-process decode's."""
+    outs = {}
+    for mode, workers in (("threads", 1), ("processes", 3)):
+        run = tmp_path / mode
+        shutil.copytree(os.path.join(built["run"], "ner"), run / "ner")
+        c = built["config"].score.replace(
+            decode=mode, loader_workers=workers, batch_size=4,
+            model=RunLayout(built["run"]).scorer_checkpoint,
+        )  # fmt: skip
+        res = scoring.run_score(
+            c, built["raw"], str(run), built["kb"], progress=False, only=["00000"]
+        )
+        assert res["processed"] == 1 and not res["failed"]
+        assert res["decode"] == [f"{workers} {mode}"]
+        outs[mode] = open(run / "score" / "00000.parquet", "rb").read()
+        st = markers.MarkerStore(str(run / "score"), "score").read_done("00000")
+        assert st.n_in == st.n_out + sum(st.drops.values())
+    assert outs["threads"] == outs["processes"]

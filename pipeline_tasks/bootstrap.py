@@ -52,7 +52,9 @@ class BootstrapConfig(cfg.StageConfig):
         "entity", "entity (image vs. KB texts of its linked entities; needs ner) or caption"
     )
     max_pairs: int = cfg.field(20000, "use at most this many raw pairs (first shards first)")
-    image_size: int = cfg.field(192, "tower input resolution (EfficientNet is convolutional)")
+    image_size: int = cfg.field(
+        224, "tower input resolution (EfficientNet-Lite0's own: sharper than 192 on small corpora)"
+    )
     embed_dim: int = cfg.field(256, "shared embedding size")
     proj: str = cfg.field("mlp", "projection heads: linear or mlp")
     epochs: int = cfg.field(40, "at most this many passes over the cached features")

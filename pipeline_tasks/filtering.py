@@ -1,9 +1,9 @@
 """How the vocab stage decides which (image, entity) pairs to keep: the pieces that are not
 Spark plumbing, so they are tested on their own and read in one place.
 
-* **Visual coherence** of a pair (image i, entity e): the cosine similarity of i's embedding
-  (the scorer's own, centred on the corpus mean) to the mean embedding of the *other* images
-  linking e. The subject of a picture is linked beside images that look like it; a
+* **Visual coherence** of a pair (image i, entity e): the cosine similarity of i's visual
+  features (the scorer's image tower, centred on the corpus mean) to the mean of the *other*
+  images linking e. The subject of a picture is linked beside images that look like it; a
   distractor named beside it (a person, a place) or a generic concept is linked beside images
   that look like anything. Computed from per-entity sums, so no entity's images are ever
   gathered in one place (:func:`partial_sums`, :func:`leave_one_out`).

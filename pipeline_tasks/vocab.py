@@ -62,7 +62,7 @@ class VocabConfig(cfg.StageConfig):
         "absolute (threshold, for a scorer of known scale such as a CLIP)",
     )
     null_quantile: float = cfg.field(
-        0.8,
+        0.85,
         "calibrated: a kept pair scores above this quantile of the scores of each image's "
         "non-best candidates (the null)",
     )
@@ -70,9 +70,9 @@ class VocabConfig(cfg.StageConfig):
         200, "calibrated: fewer null scores than this cannot calibrate (an error, not a guess)"
     )
     coherence_weight: float = cfg.field(
-        1.0,
-        "calibrated: score = similarity + this x visual coherence (the image against the other "
-        "images linking the entity; 0: similarity alone)",
+        2.0,
+        "calibrated: score = similarity + this x visual coherence (the image's visual features "
+        "against the mean of the other images linking the entity; 0: similarity alone)",
     )
     threshold: float = cfg.field(
         0.4,

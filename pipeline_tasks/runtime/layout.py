@@ -5,7 +5,7 @@ A consumer asks the layout for its producer's output instead of spelling the pat
     RUN/ner/{shard}.parquet                 mentions per raw shard            (ner)
     RUN/scorer/packaged.pt                  the bootstrapped packaged scorer  (scorer-bootstrap)
     RUN/score/{shard}.parquet               (key, entity_id, similarity)      (score)
-    RUN/score/embeddings/{shard}.parquet    (key, image embedding)             (score)
+    RUN/score/embeddings/{shard}.parquet    (key, visual features)            (score)
     RUN/score/_embedding_cache/FP/*.parquet entity text embeddings per scorer (FP: its weights)
     RUN/vocab/vocab.parquet                 the entity vocabulary             (vocab)
     RUN/labels/{shard}.parquet              kept labels per raw shard         (vocab)
@@ -64,7 +64,8 @@ class RunLayout:
         return storage.join(self.stage_dir(stage), f"{shard}.parquet")
 
     def image_embeddings(self, shard: str) -> str:
-        """The scorer's embedding of each scored image of ``shard`` (vocab's coherence)."""
+        """The visual features of each scored image of ``shard`` (the vocab stage's coherence:
+        the scorer's image tower, or its embedding when it has no separate tower)."""
         return storage.join(self.stage_dir(SCORE), "embeddings", f"{shard}.parquet")
 
     @property

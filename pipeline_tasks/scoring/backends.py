@@ -40,7 +40,9 @@ class ScorerBackend:
     def _texts(self, texts: list[str]):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def encode_images(self, batch_u8, on_device: bool = False):
+    def encode_images(self, batch_u8, on_device: bool = False, with_visual: bool = False):
+        """L2-normalised image embeddings; ``with_visual``: also the features the vocab stage
+        measures visual coherence with (:meth:`_images_and_visual`)."""
         import torch
 
         from training.core.device import autocast
@@ -50,9 +52,18 @@ class ScorerBackend:
             batch_u8, self.mean, self.std, device=self.device, channels_last=self.channels_last
         )
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            f = self._images(x)
+            f, v = self._images_and_visual(x) if with_visual else (self._images(x), None)
         f = torch.nn.functional.normalize(f.float(), dim=-1)
-        return f if on_device else f.cpu()
+        f = f if on_device else f.cpu()
+        if not with_visual:
+            return f
+        v = v.float()
+        return f, v if on_device else v.cpu()
+
+    def _images_and_visual(self, x):
+        """(embedding, visual features): by default the embedding serves as both."""
+        f = self._images(x)
+        return f, f
 
     def encode_texts(self, texts: list[str]):
         import torch
@@ -81,6 +92,12 @@ class DualEncoderBackend(ScorerBackend):
 
     def _images(self, x):
         return self.model.encode_image(x)
+
+    def _images_and_visual(self, x):
+        """The image tower's features are the visual features: a pretrained backbone's view of
+        what the picture looks like, sharper than a head trained on a small corpus."""
+        tower = self.model.image_features(x)
+        return self.model.project_image(tower), tower
 
     def _texts(self, texts):
         toks = {k: v.to(self.device) for k, v in self.model.tokenize(texts).items()}

@@ -14,6 +14,7 @@ its checkpoint is missing (``mofi score --bootstrap-if-missing`` and ``mofi buil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -164,9 +165,19 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
             result=result,
         )
     finally:
-        os.remove(matrix)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(matrix)
     t_img = time.time() - t1
     result.processed = len(todo)
+    ts = {k: result.extra.pop(k, None) for k in ("t_setup", "t_ready", "t_first_scored")}
+    if ts["t_setup"]:  # launch -> worker running (spawn, imports) -> model loaded -> first batch
+        result.extra["startup_s"] = {
+            "spawn_and_imports": round(ts["t_setup"] - t1, 2),
+            "model_and_entities": round(ts["t_ready"] - ts["t_setup"], 2),
+            "to_first_scored_batch": round(ts["t_first_scored"] - t1, 2)
+            if ts["t_first_scored"]
+            else None,
+        }
     result.extra.update(
         image_seconds=round(t_img, 2),
         images_per_s=round(result.extra.get("images", 0) / t_img, 1) if t_img else None,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SCORE_SCHEMA = pa.schema(
     [("key", pa.string()), ("entity_id", pa.string()), ("similarity", pa.float32())]
 )
-EMBEDDING_TYPE = pa.list_(pa.float32())  # each scored image's embedding (vocab's coherence)
+EMBEDDING_TYPE = pa.list_(pa.float32())  # each scored image's visual features (coherence)
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -84,6 +84,7 @@ class ScoreStage(ShardStage):
         from training.core.device import pick_device, tune_heap
 
         c = self.config
+        self._t_setup = time.time()  # spawned and imported: where start-up time goes
         tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
         self.rank, self.world = worker, workers
         self.device = pick_device(self.devices[worker])
@@ -97,6 +98,7 @@ class ScoreStage(ShardStage):
         self.backend = build_backend(c, self.run_uri, self.device)
         self.index, mat = read_entity_matrix(self.entity_matrix)
         self.E = torch.tensor(mat).to(self.device)
+        self._t_ready = time.time()
         self._report: dict[str, Any] = {}
 
     def _loader(self, tasks: list[ShardTask]):
@@ -166,8 +168,9 @@ class ScoreStage(ShardStage):
         device_drops: dict[str, Counter] = {}
         failed: set[str] = set()
         t_decode = 0.0
+        t_first_scored = None
         buffers: dict[str, list[tuple[str, str, float]]] = {}
-        embeddings: dict[str, list[tuple[str, Any]]] = {}  # shard -> (key, image embedding)
+        embeddings: dict[str, list[tuple[str, Any]]] = {}  # shard -> (key, visual features)
         started: dict[str, float] = {}
         t_img, n_img = 0.0, 0
         # the bare forward, interleaved with the real batches, so both see the same machine
@@ -208,20 +211,21 @@ class ScoreStage(ShardStage):
                 n_real = x.shape[0]
                 if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
                     x = torch.cat([x, x.new_zeros((c.batch_size - n_real, *x.shape[1:]))])
-                feats = backend.encode_images(x, on_device=True)[:n_real]
+                feats, visual = backend.encode_images(x, on_device=True, with_visual=True)
+                feats, visual = feats[:n_real], visual[:n_real]
                 # every (image, candidate) pair of the batch in one gathered dot product
                 img_rows = [i for i, cs in enumerate(cand) for _ in cs]
                 ent_rows = [self.index[e] for cs in cand for e in cs]
                 sims = (feats[img_rows] * self.E[ent_rows]).sum(-1).tolist()
                 t_img += time.perf_counter() - t0
+                if not n_img:
+                    t_first_scored = time.time()
                 n_img += len(keys)
                 pairs = [(keys[i], e) for i, cs in enumerate(cand) for e in cs]
                 buffers.setdefault(sid, []).extend(
                     (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
                 )
-                embeddings.setdefault(sid, []).extend(
-                    zip(keys, feats.float().cpu().numpy(), strict=True)
-                )
+                embeddings.setdefault(sid, []).extend(zip(keys, visual.cpu().numpy(), strict=True))
                 n_batches += 1
                 if self.reference_every and n_batches % self.reference_every == 0:
                     t0 = time.perf_counter()
@@ -270,6 +274,9 @@ class ScoreStage(ShardStage):
             "device_decode_s": t_decode,
             "decoded_on_device": decoder.decoded_on_device if decoder else 0,
             "device_fallbacks": decoder.fallbacks if decoder else 0,
+            "t_setup": self._t_setup,
+            "t_ready": self._t_ready,
+            "t_first_scored": t_first_scored,
         }
 
     def _publish(self, sid, rows, embs, st: markers.ShardStats, started_at: float, store) -> None:
@@ -327,6 +334,12 @@ class ScoreStage(ShardStage):
             "decode": sorted({r["decode"] for r in reports}),
             "decoded_on_device": sum(r.get("decoded_on_device", 0) for r in reports),
             "device_fallbacks": sum(r.get("device_fallbacks", 0) for r in reports),
+            # absolute times (the driver makes them relative to its launch)
+            "t_setup": min(r["t_setup"] for r in reports),
+            "t_ready": max(r["t_ready"] for r in reports),
+            "t_first_scored": min(
+                (r["t_first_scored"] for r in reports if r["t_first_scored"]), default=None
+            ),
         }
         if any(r["reference_s"] for r in reports):
             bare = sum(

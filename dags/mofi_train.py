@@ -8,6 +8,9 @@ nodes and processes per node. Wiring only: training runs under torchrun in its o
 rendezvous at ``rdzv_endpoint``), evaluation in its own process (`mofi eval`, one mapped task
 per image folder, plus the packaged backbone as the baseline when ``params.baseline``),
 which appends to the results store and pushes to a Pushgateway when ``params.push`` is set.
+With a validation folder (``params.val``) the trained model is also mixed with its pretrained
+towers (`mofi wise-ft`: the curve over the mixing weight, chosen on that folder) and the mix
+(``model.wise.pt``) is evaluated on every folder as ``<run id>/wise``.
 Outputs go to ROOT/<run id>: a cleared or retried train task resumes from its newest
 checkpoint.
 """
@@ -68,6 +71,11 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
             type="string",
             description="eval folders in GPR1200 naming, comma separated",
         ),
+        "val": Param(
+            os.environ.get("MOFI_VAL_IMAGES", ""),
+            type="string",
+            description="validation folder for WiSE-FT's mixing weight (empty: no WiSE-FT)",
+        ),
         "baseline": Param(
             os.environ.get("MOFI_EVAL_BASELINE", "") == "1",
             type="boolean",
@@ -119,6 +127,24 @@ def mofi_train():
         )
 
     @task.bash
+    def wise_ft() -> str:
+        return (
+            "{% if params.val %}"
+            f"{MOFI} -q wise-ft --model {OUT}/model.pt --val {{{{ params.val }}}} "
+            "--report {{ params.images }}"
+            "{% else %}echo 'no validation folder: WiSE-FT not run'{% endif %}"
+        )
+
+    @task.bash
+    def evaluate_wise(folder: str) -> str:
+        return (
+            "{% if params.val %}"
+            f"{MOFI} -q eval --model {OUT}/model.wise.pt --images {folder} "
+            f"--run-id {{{{ run_id }}}}/wise --no-progress{POST}"
+            "{% else %}echo 'no validation folder: no WiSE-FT model'{% endif %}"
+        )
+
+    @task.bash
     def evaluate_baseline(folder: str) -> str:
         return (
             "{% if params.baseline %}"
@@ -135,6 +161,8 @@ def mofi_train():
     trained >> eval_folders
     evaluate.expand(folder=eval_folders)
     evaluate_baseline.expand(folder=eval_folders)
+    mixed = wise_ft()
+    trained >> mixed >> evaluate_wise.expand(folder=eval_folders)
 
 
 mofi_train()

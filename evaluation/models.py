@@ -64,6 +64,11 @@ def _from_checkpoint(uri: str, device: torch.device) -> EvalModel:
         raise ConfigError(
             f"{uri} is a {kind!r} checkpoint; eval reads dual_encoder or training states"
         )
+    return from_dual_encoder(model, f"mofi:{storage.basename(uri)}", info, device)
+
+
+def from_dual_encoder(model, name: str, info: dict[str, Any], device: torch.device) -> EvalModel:
+    """An in-memory dual encoder of ours (a checkpoint, or weights made on the fly: WiSE-FT)."""
     model.eval().to(device)
 
     def enc_img(x):
@@ -74,7 +79,7 @@ def _from_checkpoint(uri: str, device: torch.device) -> EvalModel:
         return model.encode_text(tok)
 
     return EvalModel(
-        name=f"mofi:{storage.basename(uri)}",
+        name=name,
         kind="mofi",
         net=model,
         image_size=model.image_size,

@@ -244,11 +244,15 @@ def cmd_vocab(args: argparse.Namespace) -> int:
         k: v
         for k, v in (
             ("threshold", args.threshold),
+            ("threshold_mode", args.threshold_mode),
+            ("null_quantile", args.null_quantile),
             ("top_k", args.top_k),
             ("min_count", args.min_count),
         )
         if v is not None
     }
+    if args.threshold is not None and args.threshold_mode is None:
+        changes["threshold_mode"] = "absolute"  # an explicit threshold is an absolute one
     c = c.replace(spark=_spark_overrides(c.spark, args), **changes)
     res = vocab.run_vocab(c, args.run, args.kb, progress=not args.no_progress)
     _print_result("vocab", res)
@@ -358,11 +362,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_airflow(args: argparse.Namespace) -> int:
+    from pipeline_tasks.demo.airflow_demo import validation_folder
     from pipeline_tasks.orchestration.local_airflow import LocalAirflow, run_env
 
     home = args.home or os.path.join(args.run, "airflow")
     af = LocalAirflow(
-        home, args.port, extra_env=run_env(args.run, _existing_eval_folders(args.run))
+        home,
+        args.port,
+        extra_env=run_env(args.run, _existing_eval_folders(args.run), validation_folder(args.run)),
     )
     if args.action == "up":
         info = af.up()
@@ -388,6 +395,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline_tasks.demo import airflow_demo
 
     return airflow_demo.run_demo(args.run, args.pairs, args.seed, args.keep, args.port)
+
+
+def cmd_wise_ft(args: argparse.Namespace) -> int:
+    from evaluation.run import EvalConfig
+    from evaluation.wise_ft import default_alphas, wise_ft
+
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else default_alphas()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.model)), "model.wise.pt")
+    res = wise_ft(
+        args.model,
+        args.val,
+        out,
+        alphas,
+        args.tolerance,
+        [f for f in (args.report or "").split(",") if f],
+        EvalConfig(zero_shot=False, linear_probe=False, device=args.device),
+    )
+    for name, pts in res["curve"].items():
+        print(f"{name:<14}" + "  ".join(f"{a:.1f}:{m:.4f}" for a, m in pts))
+    print(f"wise-ft: alpha {res['alpha']} (chosen on {args.val}) -> {res['out']}")
+    return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -566,9 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument(
         "--decode",
-        choices=["auto", "processes", "threads"],
+        choices=["auto", "device", "processes", "threads"],
         default=None,
-        help="decode in loader processes overlapped with the model (GPUs) or in threads between forward passes (CPU); auto picks by device",
+        help="decode on the device (GPUs: nvJPEG), in loader processes overlapped with the model, or in threads between forward passes (CPU); auto picks by device",
     )
     s.add_argument(
         "--loader-workers",
@@ -602,7 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
         "vocab", "Spark job: threshold pairs, count images per entity, assign classes", raw=False
     )
     s.add_argument("--run", required=True)
-    s.add_argument("--threshold", type=float, default=None)
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="absolute similarity threshold (implies --threshold-mode absolute)",
+    )
+    s.add_argument("--threshold-mode", choices=["calibrated", "absolute"], default=None)
+    s.add_argument(
+        "--null-quantile", type=float, default=None, help="calibrated: quantile of the null scores"
+    )
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--min-count", type=int, default=None)
     s.add_argument("--master", default=None, help="Spark master (overrides the config)")
@@ -672,6 +709,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the whole report as JSON")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser(
+        "wise-ft",
+        help="WiSE-FT: mix a fine-tuned model with its pretrained towers, alpha chosen on a validation folder",
+    )
+    s.add_argument("--model", required=True, help="model.pt from mofi train")
+    s.add_argument(
+        "--val", required=True, help="validation folder (GPR1200 naming), not trained on"
+    )
+    s.add_argument(
+        "--out",
+        default=None,
+        help="checkpoint at the chosen alpha (default: beside the model, model.wise.pt)",
+    )
+    s.add_argument("--alphas", default=None, help="comma list (default 0,0.1,...,1)")
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="smallest alpha within this of the best validation mAP",
+    )
+    s.add_argument(
+        "--report",
+        default=None,
+        help="more folders measured along the curve (comma list; never used to choose)",
+    )
+    s.add_argument("--device", default="auto")
+    s.set_defaults(fn=cmd_wise_ft)
 
     s = sub.add_parser("results", help="the results store as a table, and a per-domain mAP chart")
     s.add_argument(

@@ -60,6 +60,12 @@ def prepare_inputs(run: str, pairs: int, seed: int) -> list[str]:
     return folders
 
 
+def validation_folder(run: str) -> str | None:
+    """The corpus's validation folder (``RUN/val``: WiSE-FT chooses its mixing weight there)."""
+    val = os.path.join(run, "val")
+    return val if storage.list_files(val, suffix=".jpg") else None
+
+
 class Follower:
     """Prints task state changes and shards done per stage, once per change."""
 
@@ -105,7 +111,9 @@ def run_demo(
     os.makedirs(run, exist_ok=True)
     t0 = time.time()
     folders = prepare_inputs(run, pairs, seed)
-    af = LocalAirflow(os.path.join(run, "airflow"), port, extra_env=run_env(run, folders))
+    val = validation_folder(run)
+    env = run_env(run, folders, val)
+    af = LocalAirflow(os.path.join(run, "airflow"), port, extra_env=env)
     up = af.up()
     _say(f"Airflow {'already running' if up['reused'] else 'started'} at {af.url} (home {af.home})")
     try:

@@ -102,6 +102,12 @@ class CorpusConfig(cfg.StageConfig):
         0.2, "share of each category's pictures held out for evaluation"
     )
     holdout_min_pictures: int = cfg.field(5, "categories with fewer pictures are not held out")
+    val_fraction: float = cfg.field(
+        0.1,
+        "share of each held-out category's remaining pictures kept out of training as a "
+        "validation folder (model selection, e.g. WiSE-FT's mixing weight); at least one",
+    )
+    val_renders: int = cfg.field(2, "renders of each validation picture (a class needs two images)")
     misspell_prob: float = cfg.field(0.08, "probability that the mention is misspelled")
     casing_prob: float = cfg.field(
         0.15, "probability of all-upper / all-lower / title-case alt-text"
@@ -138,6 +144,8 @@ class CorpusConfig(cfg.StageConfig):
             self.holdout_fraction < 1.0, "holdout_fraction", "must leave pictures for training"
         )
         self._check(self.holdout_min_pictures >= 2, "holdout_min_pictures", "must be >= 2")
+        self._check(0.0 <= self.val_fraction < 0.5, "val_fraction", "must be in [0, 0.5)")
+        self._check(self.val_renders >= 1, "val_renders", "must be >= 1")
         self._check(
             0 <= self.max_distractors <= 2,
             "max_distractors",
@@ -272,12 +280,15 @@ def link_stamp(rec: dict[str, Any], index: EntityIndex) -> tuple[str | None, str
 # --------------------------------------------------------------------- the plan
 
 
-def split_pictures(records: list[dict[str, Any]], c: CorpusConfig) -> tuple[list[dict], list[dict]]:
-    """(train, eval): per category, a seeded hash picks holdout_fraction of the pictures."""
+def split_pictures(
+    records: list[dict[str, Any]], c: CorpusConfig
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, eval, val): per category, a seeded hash orders the pictures; the first
+    holdout_fraction go to eval, then val_fraction of the rest (at least one) to val."""
     by_cat: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_cat.setdefault(r["category"], []).append(r)
-    train, held = [], []
+    train, held, val = [], [], []
     for cat in sorted(by_cat):
         recs = sorted(
             by_cat[cat],
@@ -285,9 +296,12 @@ def split_pictures(records: list[dict[str, Any]], c: CorpusConfig) -> tuple[list
         )
         k = int(round(len(recs) * c.holdout_fraction)) if len(recs) >= c.holdout_min_pictures else 0
         k = max(2, k) if k else 0
+        kv = max(1, int(round((len(recs) - k) * c.val_fraction))) if k and c.val_fraction else 0
         held.extend(recs[:k])
-        train.extend(recs[k:])
-    return sorted(train, key=lambda r: r["stamp_id"]), sorted(held, key=lambda r: r["stamp_id"])
+        val.extend(recs[k : k + kv])
+        train.extend(recs[k + kv :])
+    by_id = lambda r: r["stamp_id"]  # noqa: E731
+    return sorted(train, key=by_id), sorted(held, key=by_id), sorted(val, key=by_id)
 
 
 # ------------------------------------------------------------------- alt-text noise
@@ -671,18 +685,28 @@ def _pools(table: pa.Table) -> dict[str, list[tuple[str, str]]]:
 
 
 def _write_eval(
-    held: list[dict[str, Any]], stamps_dir: str, eval_dir: str, c: CorpusConfig
+    held: list[dict[str, Any]],
+    stamps_dir: str,
+    eval_dir: str,
+    c: CorpusConfig,
+    stream: int = 1_000_000,
+    renders: int = 1,
 ) -> tuple[int, int]:
+    """Held-out pictures as a GPR1200-named folder (``renders`` different renders of each)."""
     classes: dict[int, dict[str, Any]] = {}
     n = 0
     for k, rec in enumerate(held):
         pic = _load_picture(os.path.join(stamps_dir, rec["image"]), c.cache_max_side)
-        rng = np.random.default_rng([c.seed, 1_000_000, k])
-        jpg = render(pic, rng, c)
         name = re.sub(r"[^A-Za-z0-9_-]+", "-", rec["stamp_id"].rsplit("/", 1)[-1])
-        storage.write_bytes(storage.join(eval_dir, f"{rec['class_id']}_{name}.jpg"), jpg)
-        classes.setdefault(rec["class_id"], {"category": rec["category"], "n": 0})["n"] += 1
-        n += 1
+        for v in range(renders):
+            rng = np.random.default_rng([c.seed, stream, k] + ([v] if renders > 1 else []))
+            jpg = render(pic, rng, c)
+            suffix = f"-{v}" if renders > 1 else ""
+            storage.write_bytes(
+                storage.join(eval_dir, f"{rec['class_id']}_{name}{suffix}.jpg"), jpg
+            )
+            classes.setdefault(rec["class_id"], {"category": rec["category"], "n": 0})["n"] += 1
+            n += 1
     storage.write_json(
         storage.join(eval_dir, "classes.json"), {str(k): v for k, v in sorted(classes.items())}
     )
@@ -701,7 +725,7 @@ def prepare(c: CorpusConfig, kb_uri: str) -> dict[str, Any]:
         eid, how = link_stamp(r, index)
         r["entity_id"], r["link"], r["class_id"] = eid, how, class_of[r["category"]]
         r["entity_surface"] = kb_mod.base_name(index.info[eid]["name"]) if eid else None
-    train, held = split_pictures(records, c)
+    train, held, val = split_pictures(records, c)
     if not train:
         raise cfg.ConfigError(f"no training pictures left in {stamps_dir} after the hold-out split")
     return {
@@ -709,6 +733,7 @@ def prepare(c: CorpusConfig, kb_uri: str) -> dict[str, Any]:
         "records": records,
         "train": train,
         "held": held,
+        "val": val,
         "pools": _pools(table),
         "source_stats": src_stats,
         "categories": categories,
@@ -745,16 +770,19 @@ def _build(c, out_uri, eval_dir, truth_dir, prep, store, progress) -> StageResul
         "linked": sum(1 for r in prep["records"] if r["entity_id"]),
         "train_pictures": len(prep["train"]),
         "eval_pictures": len(prep["held"]),
+        "val_pictures": len(prep["val"]),
     }
     src_store.mark_done("00000", src_stats)
     link_rows = [
         {k: r.get(k) for k in ("stamp_id", "caption", "category", "class_id", "entity_id", "link")}
-        | {"split": "eval" if r in prep["held"] else "train"}
+        | {"split": "eval" if r in prep["held"] else "val" if r in prep["val"] else "train"}
         for r in prep["records"]
     ]
     with storage.open_write(storage.join(truth_dir, "stamps.parquet")) as f:
         pq.write_table(pa.Table.from_pylist(link_rows), f)
     n_eval, n_classes = _write_eval(prep["held"], prep["stamps_dir"], eval_dir, c)
+    val_dir = sibling(eval_dir, "val")
+    n_val, _ = _write_eval(prep["val"], prep["stamps_dir"], val_dir, c, 2_000_000, c.val_renders)
 
     all_shards = list(range(c.num_shards))
     store.write_plan([markers.shard_id(s) for s in all_shards], {"pairs": c.pairs, "seed": c.seed})
@@ -770,6 +798,8 @@ def _build(c, out_uri, eval_dir, truth_dir, prep, store, progress) -> StageResul
         eval_images=n_eval,
         eval_classes=n_classes,
         eval_dir=eval_dir,
+        val_images=n_val,
+        val_dir=val_dir,
         truth_dir=truth_dir,
         pictures=len(prep["records"]),
         linked_pictures=src_stats.extra["linked"],

@@ -80,6 +80,9 @@ def check_train_params(params: dict[str, Any]) -> None:
             folder, suffix=".jpg"
         ):
             problems.append(f"eval folder {folder} has no images")
+    val = params.get("val", "")
+    if val and not storage.list_files(val, suffix=".jpg"):
+        problems.append(f"validation folder {val} has no images")
     if int(params.get("nnodes", 1)) > 1 and ":" not in params.get("rdzv_endpoint", ""):
         problems.append("nnodes > 1 needs rdzv_endpoint HOST:PORT")
     try:

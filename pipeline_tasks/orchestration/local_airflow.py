@@ -59,11 +59,13 @@ def device_count() -> int:
         return 1
 
 
-def run_env(run: str, eval_folders: list[str] | None = None) -> dict[str, str]:
+def run_env(
+    run: str, eval_folders: list[str] | None = None, val_folder: str | None = None
+) -> dict[str, str]:
     """The DAGs' parameter defaults for a local run root (the DAG files read them from the
     environment of the dag-processor): ``RUN/raw`` and ``RUN/kb`` in, versions under ``RUN``,
     training runs under ``RUN/train``, results in ``RUN/results.sqlite``; the dashboard
-    watches ``RUN``."""
+    watches ``RUN``; ``val_folder`` turns WiSE-FT on."""
     run = os.path.abspath(run)
     folders = eval_folders or [os.path.join(run, "eval")]
     return {
@@ -75,6 +77,7 @@ def run_env(run: str, eval_folders: list[str] | None = None) -> dict[str, str]:
         "MOFI_EVAL_BASELINE": "1",
         "MOFI_RESULTS_URL": f"sqlite:///{run}/results.sqlite",
         "MOFI_DASHBOARD_ROOTS": run,
+        "MOFI_VAL_IMAGES": os.path.abspath(val_folder) if val_folder else "",
     }
 
 

@@ -47,7 +47,7 @@ def main() -> int:
     # the Airflow path's run folder gets the same inputs (the demo skips what is there)
     af_run = os.path.join(work, "airflow_path")
     os.makedirs(af_run, exist_ok=True)
-    for name in ("kb", "raw", "truth", "eval", "photos_eval"):
+    for name in ("kb", "raw", "truth", "eval", "val", "photos_eval"):
         src = os.path.join(inputs, name)
         if os.path.exists(src) and not os.path.exists(os.path.join(af_run, name)):
             shutil.copytree(src, os.path.join(af_run, name))
@@ -59,8 +59,17 @@ def main() -> int:
         f"{mofi} build-i2e --raw {inputs}/raw --kb {inputs}/kb --run {cli}/i2e_run --out {cli}/i2e --config demo --no-progress",
         f"{mofi} train --i2e {cli}/i2e --out {cli}/train --config demo",
     ]
+    val = os.path.join(inputs, "val")
+    if os.path.isdir(val):  # as the train DAG does with a validation folder
+        steps.append(
+            f"{mofi} wise-ft --model {cli}/train/model.pt --val {val} --report {','.join(folders)}"
+        )
     for f in folders:
         name = os.path.basename(f)
+        if os.path.isdir(val):
+            steps.append(
+                f"{mofi} eval --model {cli}/train/model.wise.pt --images {f} --run-id cli/wise --results {db} --no-progress --out {cli}/eval/{name}.wise.json"
+            )
         steps += [
             f"{mofi} eval --model {cli}/train/model.pt --images {f} --run-id cli --results {db} --no-progress --out {cli}/eval/{name}.json",
             f"{mofi} eval --model packaged --images {f} --run-id cli/packaged --results {db} --no-progress --out {cli}/eval/{name}.packaged.json",

@@ -104,6 +104,9 @@ class TrainConfig(cfg.StageConfig):
     keep_checkpoints: int = cfg.field(2, "checkpoints kept (the newest)")
     log_every: int = cfg.field(10, "steps between log lines (every step goes to metrics.jsonl)")
     tensorboard: bool = cfg.field(True, "write TensorBoard event files under OUT/tb")
+    compile: bool = cfg.field(
+        False, "torch.compile the towers (GPUs: fused kernels; the first steps pay the compile)"
+    )
 
     def validate(self) -> None:
         self._check(self.epochs >= 1, "epochs", "must be >= 1")

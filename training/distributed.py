@@ -49,7 +49,17 @@ def init_distributed(device_spec: str = "auto", timeout_s: int = 600) -> DistInf
     return DistInfo(rank, local_rank, world_size, device)
 
 
-def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(
+    module: torch.nn.Module, info: DistInfo, compile_towers: bool = False
+) -> torch.nn.Module:
+    """DDP around ``module`` (as is for one process); ``compile_towers``: torch.compile each
+    tower in place first (``nn.Module.compile`` keeps the parameter names, so checkpoints do
+    not change)."""
+    if compile_towers:
+        for name in ("image_tower", "text_tower"):
+            tower = getattr(getattr(module, "encoder", None), name, None)
+            if tower is not None and any(p.requires_grad for p in tower.parameters()):
+                tower.compile()
     if info.world_size == 1:
         return module
     return torch.nn.parallel.DistributedDataParallel(

@@ -200,10 +200,14 @@ class Trainer:
         self.module = MofiTrainModule(self.encoder, None if self.sharded else head).to(self.device)
         if self.sharded:
             self.head.to(self.device)
-        self.ddp = dist_mod.wrap_ddp(self.module, self.info)
+        self.ddp = dist_mod.wrap_ddp(self.module, self.info, compile_towers=config.compile)
         oc = config.optim
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.encoder, head, oc), lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps
+            _param_groups(self.encoder, head, oc),
+            lr=oc.lr,
+            betas=(oc.beta1, oc.beta2),
+            eps=oc.eps,
+            fused=self.device.type == "cuda",  # one kernel for every parameter's update
         )
         self.image_size = config.data.image_size or self.encoder.image_size
         self.entity_texts = self.manifest.entity_texts()

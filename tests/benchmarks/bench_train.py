@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=0)
     ap.add_argument("--precision", default="")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the towers")
     args = ap.parse_args()
 
     from training import recipes
@@ -68,6 +69,7 @@ def main() -> int:
         tensorboard=False,
         log_every=10**9,
         precision=args.precision or c.precision,
+        compile=args.compile or c.compile,
     )
     work = tempfile.mkdtemp(prefix="mofi-bench-train-")
     try:

@@ -43,6 +43,12 @@ class DualEncoderConfig(cfg.StageConfig):
     )
     embed_dim: int = cfg.field(256, "shared embedding size")
     proj: str = cfg.field("mlp", "projection head: linear or mlp (Linear-GELU-Linear)")
+    image_proj_init: str = cfg.field(
+        "random",
+        "random, or identity: a linear image projection that starts as the identity "
+        "(embed_dim = the image tower's width), so the untrained model embeds images exactly "
+        "as its pretrained tower does and WiSE-FT can mix the projection too",
+    )
     lock_image: bool = cfg.field(True, "freeze the image tower")
     lock_text: bool = cfg.field(True, "freeze the text tower")
     init_logit_scale: float = cfg.field(
@@ -56,6 +62,14 @@ class DualEncoderConfig(cfg.StageConfig):
 
     def validate(self) -> None:
         self._check(self.embed_dim >= 8, "embed_dim", "must be >= 8")
+        self._check(
+            self.image_proj_init in ("random", "identity"), "image_proj_init", "random or identity"
+        )
+        self._check(
+            self.image_proj_init == "random" or self.proj == "linear",
+            "image_proj_init",
+            "identity needs proj = linear",
+        )
         self._check(self.proj in ("linear", "mlp", "none"), "proj", "linear, mlp or none")
         self._check(self.image_size == 0 or self.image_size >= 32, "image_size", "0 or >= 32")
 
@@ -81,6 +95,14 @@ class DualEncoder(nn.Module):
         self.image_tower = build_image_tower(config.image_tower, pretrained_towers)
         self.text_tower = build_text_tower(config.text_tower, pretrained_towers)
         self.image_proj = _head(self.image_tower.output_dim, config.embed_dim, config.proj)
+        if config.image_proj_init == "identity":
+            if self.image_tower.output_dim != config.embed_dim:
+                raise cfg.ConfigError(
+                    f"image_proj_init = identity needs embed_dim = the image tower's width "
+                    f"({self.image_tower.output_dim}), not {config.embed_dim}"
+                )
+            with torch.no_grad():
+                self.image_proj.weight.copy_(torch.eye(config.embed_dim))
         self.text_proj = _head(self.text_tower.output_dim, config.embed_dim, config.proj)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         # Mean image embedding of the scorer's training images. A locked-tower scorer trained on

@@ -6,8 +6,10 @@ held-out pictures, and loses to it on real photographs). Wortsman et al. (2022) 
 interpolating the weights, ``theta = (1 - alpha) * theta_0 + alpha * theta_ft``, keeps most
 of the fine-tuned gain in domain and recovers the robustness of the starting point.
 
-Here the towers are interpolated (the projections and the entity head have no pretrained
-counterpart and stay fine-tuned); ``alpha`` is chosen on a validation folder the model did
+Here the towers are interpolated, and the image projection when it started as the identity
+(``image_proj_init = identity``: at ``alpha = 0`` the model then embeds images exactly as its
+pretrained tower does); a randomly initialised projection and the entity head have no
+pretrained counterpart and stay fine-tuned. ``alpha`` is chosen on a validation folder the model did
 not train on, as the smallest ``alpha`` whose validation mAP is within ``tolerance`` of the
 best one: the model closest to its pretrained weights that the validation data allows.
 """
@@ -19,10 +21,12 @@ from typing import Any
 import torch
 
 TOWERS = ("image_tower.", "text_tower.")
+IDENTITY_PROJ = "image_proj."  # mixed too when it started as the identity
 
 
 def initial_tower_state(config) -> dict[str, torch.Tensor]:
-    """The towers' weights before fine-tuning: as built from the config's pretrained sources."""
+    """The towers' weights before fine-tuning, as built from the config's pretrained sources
+    (and the image projection's, when it starts as the identity)."""
     from .model import DualEncoder
 
     for kind, name in (("image", config.image_tower), ("text", config.text_tower)):
@@ -33,7 +37,8 @@ def initial_tower_state(config) -> dict[str, torch.Tensor]:
                 "or a packaged tower)"
             )
     init = DualEncoder(config, pretrained_towers=True)
-    return {k: v for k, v in init.state_dict().items() if k.startswith(TOWERS)}
+    keep = TOWERS + ((IDENTITY_PROJ,) if config.image_proj_init == "identity" else ())
+    return {k: v for k, v in init.state_dict().items() if k.startswith(keep)}
 
 
 def interpolate(

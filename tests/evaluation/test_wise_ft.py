@@ -8,10 +8,12 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mofi_testdata import make_eval_folder
 
 from evaluation.run import EvalConfig, run_eval
 from pipeline_tasks import cli
+from training.core.config import ConfigError
 from training.model import DualEncoder, DualEncoderConfig, load_checkpoint, save_checkpoint
 from training.wise import choose_alpha, initial_tower_state, interpolate
 
@@ -102,3 +104,32 @@ def test_wise_ft_cli_writes_the_checkpoint_at_the_chosen_alpha(tmp_path, finetun
     res = run_eval(out, val, None, c, results_url="", progress=False)
     got = dict(rec["curve"]["val"])[rec["alpha"]]
     assert res["metrics"]["map"] == pytest.approx(got, abs=1e-3)
+
+
+def test_identity_projection_mixes_back_to_the_backbone_exactly():
+    """With image_proj_init = identity the projection is mixed too: at alpha 0 the model's
+    image embedding is the pretrained tower's own (normalised) features."""
+    config = DualEncoderConfig(embed_dim=1280, proj="linear", image_proj_init="identity")
+    model = DualEncoder(config, pretrained_towers=True).eval()
+    initial = initial_tower_state(config)
+    assert any(k.startswith("image_proj.") for k in initial)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    moved = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if k.startswith("image_proj.") else v
+        for k, v in state.items()
+    }
+    x = torch.rand(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        model.load_state_dict(moved)
+        assert not torch.allclose(
+            model.encode_image(x), F.normalize(model.image_features(x), dim=-1), atol=1e-3
+        )
+        model.load_state_dict(interpolate(moved, initial, 0.0))
+        torch.testing.assert_close(
+            model.encode_image(x), F.normalize(model.image_features(x), dim=-1)
+        )
+    with pytest.raises(ConfigError, match="identity needs proj = linear"):
+        DualEncoderConfig(embed_dim=1280, image_proj_init="identity").validate()
+    with pytest.raises(ConfigError, match="embed_dim = the image tower's width"):
+        DualEncoder(config.replace(embed_dim=64), pretrained_towers=False)

@@ -76,6 +76,12 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
             type="string",
             description="validation folder for WiSE-FT's mixing weight (empty: no WiSE-FT)",
         ),
+        "wise_alphas": Param(
+            "0,0.2,0.4,0.6,0.8,1",
+            type="string",
+            pattern=r"^[0-9.]+(,[0-9.]+)*$",
+            description="WiSE-FT mixing weights measured on the validation folder",
+        ),
         "baseline": Param(
             os.environ.get("MOFI_EVAL_BASELINE", "") == "1",
             type="boolean",
@@ -131,7 +137,7 @@ def mofi_train():
         return (
             "{% if params.val %}"
             f"{MOFI} -q wise-ft --model {OUT}/model.pt --val {{{{ params.val }}}} "
-            "--report {{ params.images }}"
+            "--alphas {{ params.wise_alphas }}"
             "{% else %}echo 'no validation folder: WiSE-FT not run'{% endif %}"
         )
 

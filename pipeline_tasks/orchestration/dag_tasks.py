@@ -83,6 +83,13 @@ def check_train_params(params: dict[str, Any]) -> None:
     val = params.get("val", "")
     if val and not storage.list_files(val, suffix=".jpg"):
         problems.append(f"validation folder {val} has no images")
+    alphas = params.get("wise_alphas", "0,1")
+    try:
+        bad = [a for a in alphas.split(",") if not 0.0 <= float(a) <= 1.0]
+    except ValueError:
+        bad = [alphas]
+    if bad:
+        problems.append(f"wise_alphas {alphas!r}: mixing weights are numbers in [0, 1]")
     if int(params.get("nnodes", 1)) > 1 and ":" not in params.get("rdzv_endpoint", ""):
         problems.append("nnodes > 1 needs rdzv_endpoint HOST:PORT")
     try:

@@ -32,14 +32,16 @@ def main() -> int:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--alphas", default="0,0.2,0.4,0.6,0.8,1", help="WiSE-FT mixing weights")
     ap.add_argument("--modes", default="supervised,contrastive,multitask")
     ap.add_argument("--results", default="", help="SQLAlchemy URL (default: OUT/results.sqlite)")
     args = ap.parse_args()
 
     from evaluation.run import EvalConfig, run_eval
-    from evaluation.wise_ft import default_alphas, wise_ft
+    from evaluation.wise_ft import wise_ft
 
     os.makedirs(args.out, exist_ok=True)
+    alphas = [float(a) for a in args.alphas.split(",")]
     db = args.results or "sqlite:///" + os.path.abspath(os.path.join(args.out, "results.sqlite"))
     folders = [f for f in args.images.split(",") if f]
     names = [os.path.basename(f.rstrip("/")) for f in folders]
@@ -77,7 +79,7 @@ def main() -> int:
             model = os.path.join(out, "model.pt")
             evaluate(mode, model, seed)
             if args.val:
-                res = wise_ft(model, args.val, os.path.join(out, "model.wise.pt"), default_alphas())
+                res = wise_ft(model, args.val, os.path.join(out, "model.wise.pt"), alphas)
                 print(f"  {mode} seed {seed}: WiSE-FT alpha {res['alpha']}", flush=True)
                 evaluate(f"{mode} + WiSE-FT", res["out"], seed)
 

@@ -135,6 +135,28 @@ def test_the_first_task_names_what_to_fix(tmp_path, tiny_corpus):
         check_build_params({**good, "root": str(tmp_path / "file" / "out")})
 
 
+def test_the_train_dag_checks_its_validation_params(tmp_path):
+    from mofi_testdata import make_eval_folder
+
+    from pipeline_tasks.orchestration.dag_tasks import check_train_params
+    from training.core.config import ConfigError
+
+    good = {
+        "config": "cpu_test",
+        "root": str(tmp_path / "train"),
+        "images": make_eval_folder(tmp_path / "eval"),
+        "val": make_eval_folder(tmp_path / "val", seed=5),
+        "wise_alphas": "0,0.5,1",
+    }
+    check_train_params(good)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="validation folder .*empty has no images"):
+        check_train_params({**good, "val": str(tmp_path / "empty")})
+    for bad in ("0,1.5", "0,x"):
+        with pytest.raises(ConfigError, match="wise_alphas .*in \\[0, 1\\]"):
+            check_train_params({**good, "wise_alphas": bad})
+
+
 @pytest.fixture(scope="module")
 def migrated_db():
     """The session's SQLite metadata DB, created once by the real `airflow db migrate`."""

@@ -209,8 +209,43 @@ def format_table(rows: list[dict[str, Any]], metric: str = "map") -> str:
     return "\n".join(lines)
 
 
+def chart_series(
+    rows: list[dict[str, Any]], metric: str = "map"
+) -> tuple[list[str], dict[str, list[float]], str]:
+    """(x-axis groups, {bar label: one value per group}, title) of :func:`write_chart`."""
+    domains = sorted(
+        {k.split("/", 1)[1] for r in rows for k in r["metrics"] if k.startswith(metric + "/")}
+    )
+    folders = list(dict.fromkeys(os.path.basename(str(r["images"]).rstrip("/")) for r in rows))
+    if not domains and len(folders) > 1:
+        # one group per image folder (in domain, out of domain ...), one bar per model
+        runs = {str(r["run_id"]).split("/", 1)[0] for r in rows}
+        label = {
+            r["id"]: (f"{r['model']}  [{r['run_id']}]" if len(runs) > 1 else str(r["model"]))[:70]
+            for r in rows
+        }
+        series_names = folders
+        bars_by_label: dict[str, list[float]] = {}
+        for r in rows:
+            vals = bars_by_label.setdefault(label[r["id"]], [0.0] * len(folders))
+            vals[folders.index(os.path.basename(str(r["images"]).rstrip("/")))] = r["metrics"].get(
+                metric, 0.0
+            )
+        title = f"retrieval {metric} per image folder"
+    else:
+        series_names = ["all", *domains]
+        bars_by_label = {
+            f"#{r['id']} {r['run_id']} ({r['model']})"[:70]: [r["metrics"].get(metric, 0.0)]
+            + [r["metrics"].get(f"{metric}/{d}", 0.0) for d in domains]
+            for r in rows
+        }
+        title = f"retrieval {metric} by run"
+    return series_names, bars_by_label, title
+
+
 def write_chart(rows: list[dict[str, Any]], path: str, metric: str = "map") -> str:
-    """Grouped bars: per-domain (or overall) mAP for each evaluation."""
+    """Grouped bars: per-domain (or overall) mAP for each evaluation; evaluations of several
+    image folders without domains are grouped by folder, one bar per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,27 +254,19 @@ def write_chart(rows: list[dict[str, Any]], path: str, metric: str = "map") -> s
 
     if not rows:
         raise ValueError("no results to chart")
-    domains = sorted(
-        {k.split("/", 1)[1] for r in rows for k in r["metrics"] if k.startswith(metric + "/")}
+    series_names, bars_by_label, title = chart_series(rows, metric)
+    x = np.arange(len(series_names))
+    width = 0.8 / len(bars_by_label)
+    fig, ax = plt.subplots(
+        figsize=(max(6, 1.6 * len(series_names) + 2), 4 + 0.18 * len(bars_by_label))
     )
-    series = ["all", *domains]
-    x = np.arange(len(series))
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(series) + 2), 4 + 0.18 * len(rows)))
-    for i, r in enumerate(rows):
-        m = r["metrics"]
-        vals = [m.get(metric, 0.0)] + [m.get(f"{metric}/{d}", 0.0) for d in domains]
-        bars = ax.bar(
-            x + i * width - 0.4 + width / 2,
-            vals,
-            width,
-            label=f"#{r['id']} {r['run_id']} ({r['model']})"[:70],
-        )
+    for i, (lab, vals) in enumerate(bars_by_label.items()):
+        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=lab)
         ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-    ax.set_xticks(x, series)
+    ax.set_xticks(x, series_names)
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1.1)
-    ax.set_title(f"retrieval {metric} by run")
+    ax.set_title(title)
     # below the axes, so the legend never hides a bar
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     fig.tight_layout()

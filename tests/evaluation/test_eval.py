@@ -206,3 +206,29 @@ def test_push_and_results_cli(folder, tiny_checkpoint, tmp_path, capsys):
 def test_results_on_an_empty_store(tmp_path, capsys):
     assert cli.main(["-q", "results", "--db", f"sqlite:///{tmp_path}/empty.sqlite"]) == 0
     assert "no results yet" in capsys.readouterr().out
+
+
+def test_results_chart_groups_folders_and_shows_every_model(tmp_path):
+    def row(i, run_id, model, images, m):
+        return {"id": i, "run_id": run_id, "model": model, "images": images, "metrics": {"map": m}}
+
+    rows = [
+        row(1, "r", "mofi:model.pt", "/x/eval", 0.68),
+        row(2, "r/packaged", "packaged", "/x/eval", 0.64),
+        row(3, "r", "mofi:model.pt", "/x/photos_eval/", 0.61),
+        row(4, "r/packaged", "packaged", "/x/photos_eval", 0.62),
+        row(5, "r/wise", "mofi:model.wise.pt", "/x/photos_eval", 0.617),
+    ]
+    groups, bars, title = results.chart_series(rows)
+    assert groups == ["eval", "photos_eval"] and "folder" in title
+    assert bars == {
+        "mofi:model.pt": [0.68, 0.61],
+        "packaged": [0.64, 0.62],
+        "mofi:model.wise.pt": [0.0, 0.617],
+    }
+    # per-domain results (GPR1200 blocks) keep one group per domain
+    dom = [{**rows[0], "metrics": {"map": 0.5, "map/sketch": 0.4, "map/faces": 0.6}}]
+    groups, bars, _ = results.chart_series(dom)
+    assert groups == ["all", "faces", "sketch"] and list(bars.values()) == [[0.5, 0.6, 0.4]]
+    png = results.write_chart(rows, str(tmp_path / "chart.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -29,6 +29,8 @@ sys.path.insert(0, HERE)
 
 from _rss import run_and_sample  # noqa: E402
 
+WISE_ALPHAS = "0,0.2,0.4,0.6,0.8,1"  # the train DAG's default wise_alphas
+
 GIB = 1 << 30
 
 
@@ -46,13 +48,15 @@ def main() -> int:
     folders = prepare_inputs(inputs, a.pairs, a.seed)
     # the Airflow path's run folder gets the same inputs (the demo skips what is there)
     af_run = os.path.join(work, "airflow_path")
-    os.makedirs(af_run, exist_ok=True)
+    cli = os.path.join(work, "cli_path")
+    for path in (af_run, cli):  # both paths time a whole run: nothing kept from an earlier one
+        shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(af_run)
     for name in ("kb", "raw", "truth", "eval", "val", "photos_eval"):
         src = os.path.join(inputs, name)
         if os.path.exists(src) and not os.path.exists(os.path.join(af_run, name)):
             shutil.copytree(src, os.path.join(af_run, name))
 
-    cli = os.path.join(work, "cli_path")
     mofi = f"{shlex.quote(py)} -m pipeline_tasks.cli -q"
     db = f"sqlite:///{cli}/results.sqlite"
     steps = [
@@ -62,7 +66,7 @@ def main() -> int:
     val = os.path.join(inputs, "val")
     if os.path.isdir(val):  # as the train DAG does with a validation folder
         steps.append(
-            f"{mofi} wise-ft --model {cli}/train/model.pt --val {val} --report {','.join(folders)}"
+            f"{mofi} wise-ft --model {cli}/train/model.pt --val {val} --alphas {WISE_ALPHAS}"
         )
     for f in folders:
         name = os.path.basename(f)

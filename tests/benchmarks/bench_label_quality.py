@@ -67,9 +67,13 @@ def main() -> int:
     print(f"{'labels':<34}{'precision':>10}{'recall':>10}{'labels':>9}")
     print(f"{'NER + linking (unfiltered)':<34}{p0:>10.3f}{r0:>10.3f}{n0:>9}")
     print(f"{'after CLIP filtering (labels/)':<34}{p1:>10.3f}{r1:>10.3f}{n1:>9}")
-    print(
-        f"vocab config: threshold={vcfg['threshold']} top_k={vcfg['top_k']} min_count={vcfg['min_count']}"
+    how = (
+        f"threshold={vcfg['threshold']}"
+        if vcfg.get("threshold_mode", "absolute") == "absolute"
+        else f"calibrated (null_quantile={vcfg['null_quantile']}, "
+        f"coherence_weight={vcfg['coherence_weight']})"
     )
+    print(f"vocab config: {how} top_k={vcfg['top_k']} min_count={vcfg['min_count']}")
     print("sweep over RUN/score (min_count not applied):")
     for k in (1, 0):
         for thr in (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):

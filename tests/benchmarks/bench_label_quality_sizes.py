@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,20 @@ def _mofi(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _forget_other_filter(work: str) -> None:
+    """A work folder kept from a run with another vocab config: drop its filter's outputs (and
+    the I2E written from them) so the build re-filters with today's config; corpus, NER,
+    scorer and scores are reused."""
+    from pipeline_tasks import recipes
+
+    saved = os.path.join(work, "run", "vocab", "vocab.config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            if f.read().strip() != recipes.get("demo").vocab.to_json().strip():
+                for d in ("run/vocab", "run/labels", "i2e"):
+                    shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+
+
 def build(work: str, kb: str, pairs: int, seed: int) -> tuple[subprocess.CompletedProcess, float]:
     raw = os.path.join(work, "raw")
     shard = str(min(1000, max(100, pairs // 5)))
@@ -41,6 +56,7 @@ def build(work: str, kb: str, pairs: int, seed: int) -> tuple[subprocess.Complet
     )  # fmt: skip
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
+    _forget_other_filter(work)
     t0 = time.time()
     b = _mofi(
         "build-i2e", "--raw", raw, "--kb", kb, "--run", os.path.join(work, "run"),

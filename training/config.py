@@ -120,8 +120,8 @@ class TrainConfig(cfg.StageConfig):
         self._check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         self._check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         if self.model.lock_image and self.loss.uses_class:
-            # only the head would learn: allowed (a linear probe), but say so
-            log.warning("the image tower is locked: only the projections and the head train")
+            # a linear probe on the tower (the demo config, measured best on small corpora): say so
+            log.info("the image tower is locked: only the projections and the head train")
 
     def resume_signature(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this config."""

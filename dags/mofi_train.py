@@ -77,7 +77,7 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
             description="validation folder for WiSE-FT's mixing weight (empty: no WiSE-FT)",
         ),
         "wise_alphas": Param(
-            "0,0.2,0.4,0.6,0.8,1",
+            dag_tasks.WISE_ALPHAS,
             type="string",
             pattern=r"^[0-9.]+(,[0-9.]+)*$",
             description="WiSE-FT mixing weights measured on the validation folder",

@@ -97,6 +97,18 @@ def extract_features(
     return torch.cat(feats).numpy(), np.asarray(keep), bad
 
 
+def query_mask(labels: np.ndarray, images_uri: str) -> tuple[dict[Any, int], np.ndarray]:
+    """(images per class, which images query). A class with one image would find itself first
+    (AP 1): it stays in the gallery as a distractor but is not averaged as a query."""
+    counts = {lab: int(n) for lab, n in zip(*np.unique(labels, return_counts=True), strict=True)}
+    is_query = np.array([counts[lab] > 1 for lab in labels])
+    if not is_query.any():
+        raise cfg.ConfigError(
+            f"{images_uri}: every class has a single image; retrieval needs pairs"
+        )
+    return counts, is_query
+
+
 def run_eval(
     model_spec: str,
     images_uri: str,
@@ -124,16 +136,9 @@ def run_eval(
     feats, keep, bad = extract_features(model, folder, c, device, progress)
     t2 = time.time()
     labels = np.asarray(folder.labels)[keep]
-    counts = {lab: int(n) for lab, n in zip(*np.unique(labels, return_counts=True), strict=True)}
+    counts, is_query = query_mask(labels, images_uri)
     singletons = sorted(lab for lab, n in counts.items() if n == 1)
-    # A class with one image would find itself first (AP 1): it stays in the gallery as a
-    # distractor but is not averaged as a query.
     domains = _domains(c.domains, labels.tolist())
-    is_query = np.array([counts[lab] > 1 for lab in labels])
-    if not is_query.any():
-        raise cfg.ConfigError(
-            f"{images_uri}: every class has a single image; retrieval needs pairs"
-        )
     metrics: dict[str, Any] = retrieval_map(
         feats, labels, domains=domains, device=device, is_query=is_query
     ).metrics()

@@ -21,20 +21,18 @@ from training.core.device import pick_device
 from . import images
 from .models import from_dual_encoder
 from .retrieval import retrieval_map
-from .run import EvalConfig, extract_features
+from .run import EvalConfig, extract_features, query_mask
 
 log = logging.getLogger(__name__)
 
 
-def _map_on(model, folder: images.EvalFolder, c: EvalConfig, device) -> float:
+def _map_on(model, uri: str, folder: images.EvalFolder, c: EvalConfig, device) -> float:
     """GPR1200-protocol mAP, singleton classes in the gallery but not queries (as `mofi eval`)."""
     import numpy as np
 
     feats, keep, _ = extract_features(model, folder, c, device, progress=False)
     labels = np.asarray(folder.labels)[keep]
-    uniq, n = np.unique(labels, return_counts=True)
-    many = {lab for lab, k in zip(uniq.tolist(), n.tolist(), strict=True) if k > 1}
-    is_query = np.array([lab in many for lab in labels])
+    _, is_query = query_mask(labels, uri)
     return float(retrieval_map(feats, labels, device=device, is_query=is_query).metrics()["map"])
 
 
@@ -57,16 +55,15 @@ def wise_ft(
         raise ValueError(f"{model_uri}: WiSE-FT needs a dual-encoder checkpoint (model.pt)")
     config = DualEncoderConfig.from_dict(payload["config"])
     initial = initial_tower_state(config)
-    folders = {"val": images.read_folder(val_images)}
-    for f in report_images or []:
-        folders[images.folder_name(f)] = images.read_folder(f)
+    uris = {"val": val_images} | {images.folder_name(f): f for f in report_images or []}
+    folders = {name: images.read_folder(uri) for name, uri in uris.items()}
     model = DualEncoder(config, pretrained_towers=False)
     curve: dict[str, list[tuple[float, float]]] = {k: [] for k in folders}
     for a in sorted(set(alphas)):
         model.load_state_dict(interpolate(payload["state_dict"], initial, a), strict=False)
         em = from_dual_encoder(model, f"wise:{a}", {}, device)
         for name, folder in folders.items():
-            m = _map_on(em, folder, c, device)
+            m = _map_on(em, uris[name], folder, c, device)
             curve[name].append((a, round(m, 4)))
             log.info("alpha %.2f %s mAP %.4f", a, name, m)
     alpha = choose_alpha(curve["val"], tolerance)
@@ -74,10 +71,10 @@ def wise_ft(
         "alpha": alpha,
         "tolerance": tolerance,
         "validation": val_images,
-        "curve": {k: v for k, v in curve.items()},
+        "curve": curve,
         "source": model_uri,
     }
-    wise_checkpoint(model_uri, alpha, out_uri, extra)
+    wise_checkpoint(payload, initial, alpha, out_uri, extra)
     storage.write_json(os.path.splitext(out_uri)[0] + ".curve.json", extra)
     return {"out": out_uri, **extra}
 

@@ -63,12 +63,18 @@ def choose_alpha(curve: list[tuple[float, float]], tolerance: float) -> float:
     return min(a for a, s in curve if s >= best - tolerance)
 
 
-def wise_checkpoint(uri: str, alpha: float, out_uri: str, extra: dict[str, Any]) -> str:
-    """Write ``out_uri``: the dual encoder of ``uri`` with its towers interpolated."""
-    from .model import DualEncoderConfig, load_checkpoint, save_checkpoint
+def wise_checkpoint(
+    payload: dict[str, Any],
+    initial: dict[str, torch.Tensor],
+    alpha: float,
+    out_uri: str,
+    extra: dict[str, Any],
+) -> str:
+    """Write ``out_uri``: the dual encoder of the loaded checkpoint ``payload`` with its towers
+    interpolated towards ``initial`` (:func:`initial_tower_state`)."""
+    from .model import DualEncoderConfig, save_checkpoint
 
-    payload = load_checkpoint(uri)
     config = DualEncoderConfig.from_dict(payload["config"])
-    state = interpolate(payload["state_dict"], initial_tower_state(config), alpha)
+    state = interpolate(payload["state_dict"], initial, alpha)
     save_checkpoint(out_uri, "dual_encoder", config, state, {**payload["extra"], "wise_ft": extra})
     return out_uri

@@ -19,6 +19,7 @@ from training.core import storage
 from training.core.config import ConfigError
 
 MAX_MAP = 1024  # Airflow's default max_map_length
+WISE_ALPHAS = "0,0.2,0.4,0.6,0.8,1"  # the train DAG's WiSE-FT mixing weights (validation only)
 
 
 def default_args(owner: str, hours: float = 6) -> dict[str, Any]:

@@ -22,6 +22,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from pipeline_tasks.orchestration.dag_tasks import WISE_ALPHAS  # noqa: E402 (the DAG's default)
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -32,7 +34,7 @@ def main() -> int:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--alphas", default="0,0.2,0.4,0.6,0.8,1", help="WiSE-FT mixing weights")
+    ap.add_argument("--alphas", default=WISE_ALPHAS, help="WiSE-FT mixing weights")
     ap.add_argument("--modes", default="supervised,contrastive,multitask")
     ap.add_argument("--results", default="", help="SQLAlchemy URL (default: OUT/results.sqlite)")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 
 from _rss import run_and_sample  # noqa: E402
 
-WISE_ALPHAS = "0,0.2,0.4,0.6,0.8,1"  # the train DAG's default wise_alphas
+from pipeline_tasks.orchestration.dag_tasks import WISE_ALPHAS  # noqa: E402 (the DAG's default)
 
 GIB = 1 << 30
 

@@ -1,10 +1,8 @@
 """Evaluation image folders (GPR1200 naming) and the two preprocessing recipes.
 
-Naming: ``{class_id}_{anything}.jpg``, the class id is the integer before the first
-underscore (GPR1200's own reader does ``name.split("_")[0]``). Files are ordered by
-(class id, name), as GPR1200's reader sorts by class id. A ``classes.json`` beside the
-images (``{"id": "name"}`` or ``{"id": {"name"|"category": ...}}``) names the classes for
-zero-shot classification.
+Naming (``layout``): ``{class_id}_{anything}.jpg``, and a ``classes.json`` that names the
+classes for zero-shot classification. Files are ordered by (class id, name), as GPR1200's
+reader sorts by class id.
 
 Preprocessing:
 
@@ -18,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
-import os
 import re
 from collections import Counter
 from typing import Any
@@ -32,6 +28,8 @@ from PIL import Image
 from training.core import storage
 from training.core.config import ConfigError
 from training.transforms import OPENAI_MEAN, OPENAI_STD, as_rgb, preprocess, to_uint8_tensor
+
+from .layout import CLASSES_FILE, class_of
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -67,14 +65,14 @@ def read_folder(uri: str) -> EvalFolder:
     for f in storage.list_files(uri):
         name = storage.basename(f)
         if not name.lower().endswith(IMAGE_SUFFIXES):
-            if name != "classes.json":
+            if name != CLASSES_FILE:
                 skipped["not_an_image"] += 1
             continue
-        head = name.split("_", 1)[0]
-        if "_" not in name or not head.isdigit():
+        class_id = class_of(name)
+        if class_id is None:
             skipped["no_class_prefix"] += 1
             continue
-        entries.append((int(head), name, f))
+        entries.append((class_id, name, f))
     if not entries:
         raise ConfigError(
             f"{uri} has no images named {{class_id}}_{{anything}}.jpg (GPR1200 naming); "
@@ -82,7 +80,7 @@ def read_folder(uri: str) -> EvalFolder:
         )
     entries.sort()
     names: dict[int, str] = {}
-    cj = storage.join(uri, "classes.json")
+    cj = storage.join(uri, CLASSES_FILE)
     if storage.exists(cj):
         try:
             raw = storage.read_json(cj)
@@ -159,13 +157,3 @@ def collate(items):
     bad = [i for x, i in items if x is None]
     x = torch.stack([g[0] for g in good]) if good else None
     return x, [g[1] for g in good], bad
-
-
-def load_classes_file(path: str) -> dict[int, str]:
-    with open(path) as f:
-        raw = json.load(f)
-    return {int(k): _class_name(v) for k, v in raw.items()}
-
-
-def folder_name(uri: str) -> str:
-    return os.path.basename(uri.rstrip("/")) or "images"

@@ -17,7 +17,7 @@ import urllib.error
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Metric, generate_latest, push_to_gateway
+from prometheus_client import CollectorRegistry, Metric, push_to_gateway
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,6 @@ def eval_registry(metrics: dict[str, Any], labels: dict[str, str]) -> CollectorR
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Evaluation())
     return registry
-
-
-def prometheus_text(metrics: dict[str, Any], labels: dict[str, str]) -> str:
-    """Prometheus text exposition of :func:`eval_registry` (what a push sends)."""
-    return generate_latest(eval_registry(metrics, labels)).decode()
 
 
 def push_metrics(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -15,8 +14,10 @@ import torch
 from training.core import config as cfg
 from training.core import storage
 from training.core.device import autocast, pick_device, resolve_precision
+from training.layout import TrainLayout
 
 from . import classify, images, results
+from .layout import folder_name
 from .models import load_eval_model
 from .retrieval import GPR1200_DOMAINS, retrieval_map
 
@@ -127,10 +128,8 @@ def run_eval(
         if model.kind != "mofi":
             raise cfg.ConfigError("--out is needed for models that are not our checkpoints")
         ckpt = model.info["checkpoint"]
-        out_uri = storage.join(
-            ckpt.rsplit("/", 1)[0] if "/" in ckpt else ".",
-            "eval",
-            f"{os.path.basename(ckpt).rsplit('.', 1)[0]}.{images.folder_name(images_uri)}.metrics.json",
+        out_uri = TrainLayout.of_model(ckpt).eval_metrics(
+            storage.basename(ckpt).rsplit(".", 1)[0], folder_name(images_uri)
         )
     t1 = time.time()
     feats, keep, bad = extract_features(model, folder, c, device, progress)
@@ -197,6 +196,6 @@ def run_eval(
             "mofi_eval",
             report["run_id"],
             metrics,
-            {"model": model.name, "images": images.folder_name(images_uri)},
+            {"model": model.name, "images": folder_name(images_uri)},
         )
     return report

@@ -19,6 +19,7 @@ from training.core import storage
 from training.core.device import pick_device
 
 from . import images
+from .layout import folder_name
 from .models import from_dual_encoder
 from .retrieval import retrieval_map
 from .run import EvalConfig, extract_features, query_mask
@@ -55,7 +56,7 @@ def wise_ft(
         raise ValueError(f"{model_uri}: WiSE-FT needs a dual-encoder checkpoint (model.pt)")
     config = DualEncoderConfig.from_dict(payload["config"])
     initial = initial_tower_state(config)
-    uris = {"val": val_images} | {images.folder_name(f): f for f in report_images or []}
+    uris = {"val": val_images} | {folder_name(f): f for f in report_images or []}
     folders = {name: images.read_folder(uri) for name, uri in uris.items()}
     model = DualEncoder(config, pretrained_towers=False)
     curve: dict[str, list[tuple[float, float]]] = {k: [] for k in folders}

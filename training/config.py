@@ -1,5 +1,5 @@
-"""The training run's configuration: one validated dataclass per concern (optimiser, data,
-processes) and ``TrainConfig`` holding them with the model and loss configs.
+"""The training run's configuration: one validated dataclass per concern (model, loss,
+optimiser, data, processes) and ``TrainConfig`` holding them.
 
 Kept apart from the trainer so that recipes, the launcher and evaluation read configs
 without importing the training loop.
@@ -9,13 +9,100 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 from .core import config as cfg
-from .losses import LossConfig
-from .model import DualEncoderConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mofi.train")
+
+MODES = ("multitask", "supervised", "contrastive")
+
+
+@dataclasses.dataclass
+class LossConfig(cfg.StageConfig):
+    """Which losses train the model and how they are weighted."""
+
+    mode: str = cfg.field(
+        "multitask", "multitask (lambda*class + (1-lambda)*contrastive), supervised or contrastive"
+    )
+    weight: float = cfg.field(0.5, "lambda: weight of the classification loss in multitask mode")
+    scale: float = cfg.field(32.0, "CosFace scale s")
+    margin: float = cfg.field(0.15, "CosFace margin m")
+    sample_rate: float = cfg.field(
+        1.0, "Partial FC: fraction of each rank's classes in the softmax (positives always kept)"
+    )
+    sharded_head: bool = cfg.field(
+        True, "shard the class weights across ranks (model-parallel softmax, Partial FC)"
+    )
+
+    def validate(self) -> None:
+        self._check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
+        self._check(0.0 <= self.weight <= 1.0, "weight", "must be in [0, 1]")
+        self._check(self.scale > 0, "scale", "must be > 0")
+        self._check(0.0 <= self.margin < 1.0, "margin", "must be in [0, 1)")
+        self._check(0.0 < self.sample_rate <= 1.0, "sample_rate", "must be in (0, 1]")
+
+    @property
+    def uses_class(self) -> bool:
+        return self.mode in ("multitask", "supervised")
+
+    @property
+    def uses_contrast(self) -> bool:
+        return self.mode in ("multitask", "contrastive")
+
+    def combine(self, l_class: torch.Tensor | None, l_con: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "supervised":
+            return l_class
+        if self.mode == "contrastive":
+            return l_con
+        return self.weight * l_class + (1.0 - self.weight) * l_con
+
+
+@dataclasses.dataclass
+class DualEncoderConfig(cfg.StageConfig):
+    """Architecture of a dual encoder."""
+
+    image_tower: str = cfg.field(
+        "efficientnet-lite0", "efficientnet-lite0 (packaged weights) or openclip:ARCH[:CHECKPOINT]"
+    )
+    text_tower: str = cfg.field(
+        "minilm-l6", "minilm-l6 (packaged weights) or openclip:ARCH[:CHECKPOINT]"
+    )
+    embed_dim: int = cfg.field(256, "shared embedding size")
+    proj: str = cfg.field("mlp", "projection head: linear or mlp (Linear-GELU-Linear)")
+    image_proj_init: str = cfg.field(
+        "random",
+        "random, or identity: a linear image projection that starts as the identity "
+        "(embed_dim = the image tower's width), so the untrained model embeds images exactly "
+        "as its pretrained tower does and WiSE-FT can mix the projection too",
+    )
+    lock_image: bool = cfg.field(True, "freeze the image tower")
+    lock_text: bool = cfg.field(True, "freeze the text tower")
+    init_logit_scale: float = cfg.field(
+        math.log(1 / 0.07), "initial log temperature (CLIP: log(1/0.07))"
+    )
+    max_logit_scale: float = cfg.field(math.log(100.0), "the temperature is capped at 100")
+    image_size: int = cfg.field(0, "input resolution (0: the tower's default)")
+    center_images: bool = cfg.field(
+        False, "subtract the mean image embedding (saved with the weights) before normalising"
+    )
+
+    def validate(self) -> None:
+        self._check(self.embed_dim >= 8, "embed_dim", "must be >= 8")
+        self._check(
+            self.image_proj_init in ("random", "identity"), "image_proj_init", "random or identity"
+        )
+        self._check(
+            self.image_proj_init == "random" or self.proj == "linear",
+            "image_proj_init",
+            "identity needs proj = linear",
+        )
+        self._check(self.proj in ("linear", "mlp", "none"), "proj", "linear, mlp or none")
+        self._check(self.image_size == 0 or self.image_size >= 32, "image_size", "0 or >= 32")
 
 
 @dataclasses.dataclass

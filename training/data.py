@@ -51,7 +51,7 @@ from PIL import Image
 from .core import storage
 from .core.config import ConfigError
 from .core.i2e import VOCAB_FILE, I2ELayout
-from .core.lease import die_with_parent
+from .core.process import die_with_parent
 from .transforms import as_rgb, resize_center_crop, to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,9 @@ def load_manifest(i2e_uri: str, verify: bool = False) -> I2EManifest:
         uri = storage.join(i2e_uri, name)
         if uri not in tars:
             raise ConfigError(f"{sizes_uri} lists {name}, which is not in {i2e_uri}")
-        recorded = layout.recorded_size(name) if verify else None
-        if recorded is not None and recorded != tars[uri]:
-            raise ConfigError(
-                f"I2E shard {uri} has {tars[uri]} bytes, its write marker recorded {recorded}"
-                + REBUILD
-            )
+        problem = layout.tar_problem(name, tars) if verify else None
+        if problem:
+            raise ConfigError(f"I2E shard {uri}: {problem}" + REBUILD)
         n = sizes[name]
         if not isinstance(n, int) or n < 0:
             raise ConfigError(f"{sizes_uri}: {name} has an invalid size {n!r}")

@@ -15,11 +15,12 @@ from typing import Any
 from .config import TrainConfig
 from .core import storage
 from .core.config import ConfigError
-from .core.lease import Lease, die_with_parent
-from .train import preflight
+from .core.lease import Lease
+from .core.process import die_with_parent
+from .layout import REQUEST_FILE, TrainLayout
+from .plan import preflight
 
 log = logging.getLogger(__name__)
-LEASE_FILE = "_lease.json"
 
 
 def _local_addresses() -> set[str]:
@@ -73,7 +74,8 @@ def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> di
     if config.dist.nnodes > 1 or config.dist.rdzv_endpoint:
         check_rendezvous(config.dist.rdzv_endpoint)
     storage.makedirs(out)
-    config_file = config.save(out, "train.request.json")
+    layout = TrainLayout(out)
+    config_file = config.save(out, REQUEST_FILE)
     if storage.is_s3(config_file):
         raise ConfigError(
             "--out must be a local or shared filesystem path for now (torchrun workers read the config file)"
@@ -93,6 +95,6 @@ def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> di
     # One run per --out: a second launcher is refused, naming this one; a dead launcher's
     # lease expires. torchrun dies with this process, each rank with torchrun, each loader
     # with its rank: a killed launcher never leaves ranks writing into --out.
-    with Lease(storage.join(out, LEASE_FILE), what="mofi train").acquire():
+    with Lease(layout.lease, what="mofi train").acquire():
         rc = subprocess.call(cmd, preexec_fn=die_with_parent)
-    return {"rc": rc, "command": cmd, "model": storage.join(out, "model.pt")}
+    return {"rc": rc, "command": cmd, "model": layout.model}

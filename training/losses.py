@@ -14,7 +14,6 @@ configurable (``LossConfig``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -23,49 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import config as cfg
-
-MODES = ("multitask", "supervised", "contrastive")
-
-
-@dataclasses.dataclass
-class LossConfig(cfg.StageConfig):
-    """Which losses train the model and how they are weighted."""
-
-    mode: str = cfg.field(
-        "multitask", "multitask (lambda*class + (1-lambda)*contrastive), supervised or contrastive"
-    )
-    weight: float = cfg.field(0.5, "lambda: weight of the classification loss in multitask mode")
-    scale: float = cfg.field(32.0, "CosFace scale s")
-    margin: float = cfg.field(0.15, "CosFace margin m")
-    sample_rate: float = cfg.field(
-        1.0, "Partial FC: fraction of each rank's classes in the softmax (positives always kept)"
-    )
-    sharded_head: bool = cfg.field(
-        True, "shard the class weights across ranks (model-parallel softmax, Partial FC)"
-    )
-
-    def validate(self) -> None:
-        self._check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
-        self._check(0.0 <= self.weight <= 1.0, "weight", "must be in [0, 1]")
-        self._check(self.scale > 0, "scale", "must be > 0")
-        self._check(0.0 <= self.margin < 1.0, "margin", "must be in [0, 1)")
-        self._check(0.0 < self.sample_rate <= 1.0, "sample_rate", "must be in (0, 1]")
-
-    @property
-    def uses_class(self) -> bool:
-        return self.mode in ("multitask", "supervised")
-
-    @property
-    def uses_contrast(self) -> bool:
-        return self.mode in ("multitask", "contrastive")
-
-    def combine(self, l_class: torch.Tensor | None, l_con: torch.Tensor | None) -> torch.Tensor:
-        if self.mode == "supervised":
-            return l_class
-        if self.mode == "contrastive":
-            return l_con
-        return self.weight * l_class + (1.0 - self.weight) * l_con
-
 
 # ------------------------------------------------------------------ gathers
 

@@ -15,63 +15,19 @@ scorer's checkpoint at a few MB.
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import DualEncoderConfig
 from .core import config as cfg
 from .core import storage
 from .towers import build_image_tower, build_text_tower
 
 CHECKPOINT_VERSION = 1
-
-
-@dataclasses.dataclass
-class DualEncoderConfig(cfg.StageConfig):
-    """Architecture of a dual encoder."""
-
-    image_tower: str = cfg.field(
-        "efficientnet-lite0", "efficientnet-lite0 (packaged weights) or openclip:ARCH[:CHECKPOINT]"
-    )
-    text_tower: str = cfg.field(
-        "minilm-l6", "minilm-l6 (packaged weights) or openclip:ARCH[:CHECKPOINT]"
-    )
-    embed_dim: int = cfg.field(256, "shared embedding size")
-    proj: str = cfg.field("mlp", "projection head: linear or mlp (Linear-GELU-Linear)")
-    image_proj_init: str = cfg.field(
-        "random",
-        "random, or identity: a linear image projection that starts as the identity "
-        "(embed_dim = the image tower's width), so the untrained model embeds images exactly "
-        "as its pretrained tower does and WiSE-FT can mix the projection too",
-    )
-    lock_image: bool = cfg.field(True, "freeze the image tower")
-    lock_text: bool = cfg.field(True, "freeze the text tower")
-    init_logit_scale: float = cfg.field(
-        math.log(1 / 0.07), "initial log temperature (CLIP: log(1/0.07))"
-    )
-    max_logit_scale: float = cfg.field(math.log(100.0), "the temperature is capped at 100")
-    image_size: int = cfg.field(0, "input resolution (0: the tower's default)")
-    center_images: bool = cfg.field(
-        False, "subtract the mean image embedding (saved with the weights) before normalising"
-    )
-
-    def validate(self) -> None:
-        self._check(self.embed_dim >= 8, "embed_dim", "must be >= 8")
-        self._check(
-            self.image_proj_init in ("random", "identity"), "image_proj_init", "random or identity"
-        )
-        self._check(
-            self.image_proj_init == "random" or self.proj == "linear",
-            "image_proj_init",
-            "identity needs proj = linear",
-        )
-        self._check(self.proj in ("linear", "mlp", "none"), "proj", "linear, mlp or none")
-        self._check(self.image_size == 0 or self.image_size >= 32, "image_size", "0 or >= 32")
 
 
 def _head(in_dim: int, out_dim: int, kind: str) -> nn.Module:

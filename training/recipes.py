@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from .config import DataConfig, DistConfig, OptimConfig, TrainConfig
+from .config import DataConfig, DistConfig, DualEncoderConfig, LossConfig, OptimConfig, TrainConfig
 from .core.config import ConfigError
-from .losses import LossConfig
-from .model import DualEncoderConfig
 
 
 def base() -> TrainConfig:

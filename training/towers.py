@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .core.compat import ensure_torchvision
 from .openclip import load_open_clip
@@ -151,7 +150,3 @@ def build_text_tower(name: str, pretrained: Any = True) -> nn.Module:
     raise ValueError(
         f"unknown text tower {name!r}: use {PACKAGED_TEXT} or openclip:ARCH[:CHECKPOINT]"
     )
-
-
-def l2norm(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)

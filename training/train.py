@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 if os.environ.get("TORCHELASTIC_RUN_ID"):  # first thing, before the slow imports below:
-    from .core.lease import die_with_parent  # a rank never outlives its torchrun agent
+    from .core.process import die_with_parent  # a rank never outlives its torchrun agent
 
     die_with_parent()
 
@@ -40,130 +40,27 @@ import time
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from .config import OptimConfig, TrainConfig
+from .config import TrainConfig
 from .core import config as cfg
 from .core import storage
 from .core.device import autocast, resolve_precision
+from .layout import CONFIG_FILE, TrainLayout
 from .losses import ShardedCosFaceHead, contrastive_loss, gather_shards
 from .model import DualEncoder, checkpoint_state, load_checkpoint, save_checkpoint
+from .modules import MofiTrainModule, param_groups
+from .plan import TRAIN_KIND, check_resumable, epoch_plan, hash_seed, lr_factor
 from .transforms import normalize
 
 log = logging.getLogger("mofi.train")
-TRAIN_KIND = "mofi_train_state"
-
-
-# ------------------------------------------------------------------ schedule
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if total <= warmup:
-        return 1.0
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def epoch_plan(config: TrainConfig, manifest: data_mod.I2EManifest, world_size: int) -> list[int]:
-    """Optimiser steps in each epoch (capped by max_steps)."""
-    out, total = [], 0
-    for e in range(config.epochs):
-        batches = data_mod.steps_per_epoch(
-            manifest.shards,
-            world_size,
-            config.data.workers,
-            config.data.batch_size,
-            config.seed,
-            e,
-        )
-        steps = batches // config.grad_accum
-        if config.max_steps:
-            steps = min(steps, config.max_steps - total)
-        if steps <= 0:
-            break
-        out.append(steps)
-        total += steps
-    if not out:
-        raise cfg.ConfigError(
-            f"{manifest.uri} has {manifest.num_samples} samples: too few for one step of "
-            f"{world_size} ranks x {max(1, config.data.workers)} workers x batch {config.data.batch_size} "
-            f"x accum {config.grad_accum}; lower the batch size or the workers"
-        )
-    return out
-
-
-# ------------------------------------------------------------------ the model in training
-
-
-class MofiTrainModule(nn.Module):
-    """What DDP wraps: the dual encoder, plus the entity head when it is not sharded."""
-
-    def __init__(self, encoder: DualEncoder, head: nn.Module | None):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def forward(self, images: torch.Tensor, text: Any | None):
-        img = self.encoder.encode_image(images)
-        txt = None
-        if text is not None:
-            if isinstance(text, torch.Tensor):  # precomputed locked-tower features
-                txt = self.encoder.project_text(text)
-            else:
-                txt = self.encoder.encode_text(text)
-        return img, txt, self.encoder.scale()
-
-
-def _param_groups(encoder: DualEncoder, head: nn.Module | None, oc: OptimConfig):
-    towers, other = [], []
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            continue
-        (towers if name.startswith(("image_tower.", "text_tower.")) else other).append((name, p))
-    groups = []
-    for params, mult in ((towers, oc.tower_lr_mult), (other, 1.0)):
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
-        groups.append({"params": decay, "weight_decay": oc.weight_decay, "lr_mult": mult})
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_mult": mult})
-    # the head last, alone: its optimiser state is sharded like its weight
-    groups.append(
-        {
-            "params": list(head.parameters()) if head is not None else [],
-            "weight_decay": 0.0,
-            "lr_mult": 1.0,
-        }
-    )
-    return groups
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_dir(out_uri: str) -> str:
-    return storage.join(out_uri, "checkpoints")
-
-
-def list_checkpoints(out_uri: str) -> list[tuple[int, str]]:
-    d = checkpoint_dir(out_uri)
-    out = []
-    for uri in storage.list_files(d, suffix=".pt"):
-        name = storage.basename(uri)
-        if name.startswith("step_"):
-            try:
-                out.append((int(name[5:-3]), uri))
-            except ValueError:
-                continue
-    return sorted(out)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, i2e_uri: str, out_uri: str):
         self.config, self.i2e_uri, self.out_uri = config, i2e_uri, out_uri
+        self.layout = TrainLayout(out_uri)
         self.info = dist_mod.init_distributed(config.dist.device, config.dist.timeout_s)
         self.manifest = data_mod.load_manifest(i2e_uri)
         self.plan = epoch_plan(config, self.manifest, self.info.world_size)
@@ -203,7 +100,7 @@ class Trainer:
         self.ddp = dist_mod.wrap_ddp(self.module, self.info, compile_towers=config.compile)
         oc = config.optim
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.encoder, head, oc),
+            param_groups(self.encoder, head, oc),
             lr=oc.lr,
             betas=(oc.beta1, oc.beta2),
             eps=oc.eps,
@@ -264,7 +161,7 @@ class Trainer:
             state = {f"encoder.{k}": v for k, v in checkpoint_state(self.encoder, True).items()}
             if head_w is not None:
                 state["head.weight"] = head_w
-            uri = storage.join(checkpoint_dir(self.out_uri), f"step_{self.step:08d}.pt")
+            uri = self.layout.checkpoint(self.step)
             save_checkpoint(
                 uri,
                 TRAIN_KIND,
@@ -280,13 +177,13 @@ class Trainer:
                     "entity_ids": self.manifest.entity_ids,
                 },
             )
-            for _, old in list_checkpoints(self.out_uri)[: -self.config.keep_checkpoints]:
+            for _, old in self.layout.list_checkpoints()[: -self.config.keep_checkpoints]:
                 storage.delete(old)
             log.info("checkpoint %s", uri)
         dist_mod.barrier(self.info)
 
     def maybe_resume(self) -> None:
-        ckpts = list_checkpoints(self.out_uri)
+        ckpts = self.layout.list_checkpoints()
         if not ckpts:
             return
         step, uri = ckpts[-1]
@@ -324,9 +221,7 @@ class Trainer:
         return len(self.plan), 0
 
     def _metrics_file(self) -> str:
-        return (
-            os.path.join(self.out_uri, "metrics.jsonl") if not storage.is_s3(self.out_uri) else ""
-        )
+        return self.layout.metrics if not storage.is_s3(self.out_uri) else ""
 
     def _trim_metrics(self) -> None:
         """After a resume, drop lines for steps the resumed run will redo."""
@@ -381,14 +276,14 @@ class Trainer:
         c = self.config
         if self.info.is_main:
             storage.makedirs(self.out_uri)
-            c.save(self.out_uri, "train.config.json")
+            c.save(self.out_uri, CONFIG_FILE)
         self.maybe_resume()
         if self.info.is_main:
             self._trim_metrics()
         if self.info.is_main and c.tensorboard and not storage.is_s3(self.out_uri):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.out_uri, "tb"), purge_step=self.step + 1)
+            self.writer = SummaryWriter(self.layout.tb, purge_step=self.step + 1)
         bar = None
         if self.info.is_main:
             from tqdm import tqdm
@@ -504,7 +399,7 @@ class Trainer:
     def export(self) -> dict[str, Any]:
         """OUT/model.pt: a dual-encoder checkpoint (towers included) that eval and scoring load."""
         head_w, _ = self._gathered_head_state()
-        uri = storage.join(self.out_uri, "model.pt")
+        uri = self.layout.model
         if self.info.is_main:
             extra = {
                 "trained_steps": self.step,
@@ -519,55 +414,6 @@ class Trainer:
                 uri, "dual_encoder", self.config.model, checkpoint_state(self.encoder, True), extra
             )
         return {"model": uri, "steps": self.step}
-
-
-def hash_seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def check_resumable(payload: dict[str, Any], config: TrainConfig, manifest, uri: str) -> None:
-    """A checkpoint from another config or another I2E version is an error, not a silent mix."""
-    if payload.get("kind") != TRAIN_KIND:
-        raise cfg.ConfigError(
-            f"{uri} is a {payload.get('kind')!r} checkpoint, not a training state"
-        )
-    extra = payload.get("extra", {})
-    want = config.resume_signature()
-    got = json.loads(extra.get("signature", "{}"))
-    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    if diff:
-        raise cfg.ConfigError(
-            f"{uri} was written by a different config ({', '.join(diff)} differ): "
-            "use another --out, or the config it was trained with"
-        )
-    if extra.get("i2e_version") != manifest.version():
-        raise cfg.ConfigError(
-            f"{uri} was trained on I2E version {extra.get('i2e_version')}, this is {manifest.version()} "
-            f"({manifest.uri}): use another --out"
-        )
-
-
-def preflight(config: TrainConfig, i2e_uri: str, out_uri: str) -> dict[str, Any]:
-    """Every check that can fail before compute is spent (also run by `mofi train`)."""
-    manifest = data_mod.load_manifest(i2e_uri, verify=True)
-    world = config.dist.nproc_per_node * config.dist.nnodes
-    plan = epoch_plan(config, manifest, world)
-    if config.loss.uses_class and config.loss.sharded_head and manifest.num_classes < world:
-        raise cfg.ConfigError(
-            f"{manifest.num_classes} classes cannot be sharded over {world} ranks"
-        )
-    ckpts = list_checkpoints(out_uri)
-    if ckpts:
-        check_resumable(load_checkpoint(ckpts[-1][1]), config, manifest, ckpts[-1][1])
-    return {
-        "manifest": manifest,
-        "steps": sum(plan),
-        "epochs": len(plan),
-        "resume_from": ckpts[-1][0] if ckpts else 0,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

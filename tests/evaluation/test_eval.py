@@ -18,8 +18,9 @@ from mofi_testdata import make_eval_folder
 from evaluation import images, results
 from evaluation.run import EvalConfig, run_eval
 from pipeline_tasks import cli
+from training.config import DualEncoderConfig
 from training.core.config import ConfigError
-from training.model import DualEncoder, DualEncoderConfig, checkpoint_state, save_checkpoint
+from training.model import DualEncoder, checkpoint_state, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -13,8 +13,9 @@ from mofi_testdata import make_eval_folder
 
 from evaluation.run import EvalConfig, run_eval
 from pipeline_tasks import cli
+from training.config import DualEncoderConfig
 from training.core.config import ConfigError
-from training.model import DualEncoder, DualEncoderConfig, load_checkpoint, save_checkpoint
+from training.model import DualEncoder, load_checkpoint, save_checkpoint
 from training.wise import choose_alpha, initial_tower_state, interpolate
 
 

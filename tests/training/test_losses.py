@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training.config import LossConfig
 from training.core.config import ConfigError
 from training.losses import (
-    LossConfig,
     ShardedCosFaceHead,
     class_range,
     contrastive_loss,

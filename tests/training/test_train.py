@@ -79,7 +79,7 @@ def test_checkpoint_loads_for_evaluation(full_run):
     assert z.shape == (3, 32) and torch.allclose(z.norm(dim=-1), torch.ones(3))
     # the `mofi` scorer backend filters the next I2E rebuild with it
     from pipeline_tasks import recipes as pipeline_recipes
-    from pipeline_tasks import scoring
+    from pipeline_tasks.stages.score import backends as scoring
 
     c = pipeline_recipes.get("cpu_test").score.replace(
         backend="mofi", model=os.path.join(full_run["out"], "model.pt")

@@ -80,9 +80,14 @@ class StageConfig:
         return cls.from_dict(storage.read_json(uri))
 
     def save(self, out_root: str, name: str | None = None) -> str:
-        uri = storage.join(out_root, name or f"{self.stage_name()}.config.json")
+        uri = storage.join(out_root, name or self.file_name())
         storage.write_text(uri, self.to_json() + "\n")
         return uri
+
+    @classmethod
+    def file_name(cls) -> str:
+        """``STAGE.config.json``: what :meth:`save` writes beside the stage's outputs."""
+        return f"{cls.stage_name()}.config.json"
 
     @classmethod
     def stage_name(cls) -> str:
@@ -105,3 +110,72 @@ class StageConfig:
                 default = "(required)"
             out.append((f.name, default, f.metadata.get("doc", "")))
         return out
+
+
+def apply_overrides(obj: T, assignments: list[tuple[str, Any]]) -> T:
+    """A copy of the config ``obj`` (a dataclass, nested ones included) with each
+    ``(dotted.path, value)`` set, validated again. The fields of one section are replaced
+    together (``dist.nnodes`` and ``dist.rdzv_endpoint`` are checked as a pair); a string
+    value is parsed as the field's type (``"64"`` for an int, ``"a,b"`` or ``'["a","b"]'`` for
+    a tuple, JSON for a dict); an unknown path is a ConfigError naming the known fields."""
+    tree: dict[str, Any] = {}
+    for path, value in assignments:
+        node = tree
+        *sections, name = path.split(".")
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {part} was set as a value, not a section")
+        node[name] = (path, value)
+    return _override(obj, tree) if tree else obj
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``section.field=value`` -> (path, value)."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {text!r}: use PATH=VALUE, e.g. score.batch_size=64")
+    return path.strip(), value
+
+
+def _override(obj: Any, changes: dict[str, Any]) -> Any:
+    """``obj`` with ``changes`` (field -> (path, value), or field -> changes of a section)."""
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"{type(obj).__name__} has no fields to set")
+    names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    new = {}
+    for name, change in changes.items():
+        if name not in names:
+            where = change[0] if isinstance(change, tuple) else f"{name}..."
+            raise ConfigError(
+                f"--set {where}: {type(obj).__name__} has no field {name!r}; known: {sorted(names)}"
+            )
+        if isinstance(change, dict):
+            new[name] = _override(getattr(obj, name), change)
+        else:
+            path, value = change
+            new[name] = _parse(value, hints.get(name), path) if isinstance(value, str) else value
+    return dataclasses.replace(obj, **new)
+
+
+def _parse(text: str, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return low in ("true", "1", "yes")
+        if hint in (int, float):
+            return hint(text)
+        if origin in (tuple, list):
+            items = json.loads(text) if text.strip().startswith("[") else text.split(",")
+            return tuple(i.strip() if isinstance(i, str) else i for i in items if i != "")
+        if origin is dict or hint is dict:
+            return json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--set {path}={text!r}: {exc}") from exc
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"--set {path}: a section, not a value; set one of its fields")
+    return text

@@ -14,12 +14,15 @@ training loader (which reads them). Both ask this module for the names.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from . import storage
+from .done_check import marker_uri, outputs_problem
 
 SIZES_FILE = "sizes.json"
 VOCAB_FILE = "vocab.parquet"
 INFO_FILE = "_info.json"
+WRITE_STAGE = "write"  # the stage that publishes an I2E root: its markers sit in it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +49,18 @@ class I2ELayout:
 
     def marker(self, shard: str) -> str:
         """The write stage's done marker of ``shard`` (it records the published sizes)."""
-        return storage.join(self.root, "_markers", "write", f"{shard}.done.json")
+        return marker_uri(self.root, WRITE_STAGE, shard, "done")
 
-    def recorded_size(self, tar_name: str) -> int | None:
-        """The size the write marker recorded for ``tar_name`` (None: no record to check)."""
+    def tar_problem(self, tar_name: str, sizes: Mapping[str, int]) -> str | None:
+        """What is wrong with ``tar_name`` (size from ``sizes``, one listing) against the write
+        marker that published it; None when it matches or no marker records it."""
         shard = tar_name[: -len(".tar")]
         try:
             outputs = storage.read_json(self.marker(shard))["stats"].get("outputs", {})
         except (FileNotFoundError, ValueError, KeyError):
             return None
-        return outputs.get(tar_name, {}).get("size")
+        if tar_name not in outputs:
+            return None
+        return outputs_problem(
+            self.root, {tar_name: outputs[tar_name]}, sizes, marker="write marker"
+        )

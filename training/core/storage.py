@@ -12,8 +12,8 @@ S3 settings come from boto3's usual sources (``AWS_ACCESS_KEY_ID``, ``AWS_PROFIL
 request (refused connection, timeout, 5xx after the retries, missing credentials) becomes a
 :class:`StorageError` whose one-line message names the URI and the cause.
 
-A temporary name carries its writer (host and pid): only that writer removes it while it
-lives; :func:`clean_temp` removes the temporary files of writers that are gone.
+Temporary names and their cleanup are ``tempfiles``; the exclusive and compare-and-replace
+writes that leases and claims use are ``exclusive``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
-TEMP_MARK = ".tmp-"
+from .tempfiles import TEMP_MARK, is_temp_name, owner_tag, temp_name_for
+
 S3_PART_SIZE = 8 * 1024 * 1024  # S3 wants >= 5 MiB for all parts but the last
 _S3_SPOOL_MAX = 64 * 1024 * 1024  # reads below this stay in memory
 
@@ -57,10 +56,6 @@ def join(base: str, *parts: str) -> str:
 
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
-
-
-def is_temp_name(name: str) -> bool:
-    return TEMP_MARK in basename(name)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -365,25 +360,6 @@ class _S3Writer(io.RawIOBase):
         self.buf = bytearray()
 
 
-def _owner_tag() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def temp_name_for(path: str) -> str:
-    """``.NAME.tmp-HOST-PID-RANDOM`` beside ``path``: unique to this writer, which owns it."""
-    d, name = os.path.split(path)
-    return os.path.join(d, f".{name}{TEMP_MARK}{_owner_tag()}-{uuid.uuid4().hex[:12]}")
-
-
-def temp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of the writer of a temporary name, None for a name without an owner."""
-    tail = basename(name).split(TEMP_MARK, 1)[-1]
-    parts = tail.rsplit("-", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1])
-
-
 @contextlib.contextmanager
 def open_write(uri: str, content_type: str | None = None) -> Iterator[IO[bytes]]:
     """Binary writer that publishes ``uri`` atomically when the block exits cleanly.
@@ -472,129 +448,9 @@ def makedirs(uri: str) -> None:
         os.makedirs(uri, exist_ok=True)
 
 
-def clean_temp(prefix: str, older_than_s: float = 6 * 3600) -> int:
-    """Remove leftover local temporary files under ``prefix`` whose writer is gone: a dead
-    process of this host, or (another host, or a name without an owner) older than
-    ``older_than_s``. A live writer's temporary file is never touched."""
-    if is_s3(prefix) or not os.path.isdir(prefix):
-        return 0
-    host = socket.gethostname()
-    now = time.time()
-    n = 0
-    for root, _dirs, files in os.walk(prefix):
-        for name in files:
-            if TEMP_MARK not in name:
-                continue
-            path = os.path.join(root, name)
-            owner = temp_owner(name)
-            if owner and owner[0] == host:
-                gone = not _pid_alive(owner[1])
-            else:
-                try:
-                    gone = now - os.path.getmtime(path) > older_than_s
-                except FileNotFoundError:
-                    continue
-            if gone:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                    n += 1
-    return n
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-# ---------------------------------------------------------------- exclusive writes
-
-
-def create_exclusive(uri: str, data: bytes) -> bool:
-    """Publish ``data`` at ``uri`` only if nothing is there; False when something is.
-
-    Local: the whole file is written under a temporary name, then hard-linked into place
-    (``link`` fails when the name exists), so a reader sees all of it or nothing. S3: a
-    conditional PUT (``If-None-Match: *``)."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        from botocore.exceptions import ClientError
-
-        try:
-            with _s3_errors(uri):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except StorageError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-                "412",
-                "409",
-            ):
-                return False
-            raise
-    parent = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(parent, exist_ok=True)
-    tmp = temp_name_for(os.path.abspath(uri))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, uri)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.remove(tmp)
-
-
-def replace_if_unchanged(uri: str, expected: Any, data: bytes) -> bool:
-    """Replace the JSON at ``uri`` with ``data`` only if it still equals ``expected`` (taking
-    over an expired lease); False when someone else changed it first."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            with _s3_errors(uri):
-                head = s3_client().get_object(Bucket=bucket, Key=key)
-                current = json.loads(head["Body"].read())
-        except FileNotFoundError:
-            return create_exclusive(uri, data)
-        if current != expected:
-            return False
-        try:
-            with _s3_errors(uri):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=head["ETag"])
-            return True
-        except StorageError:
-            return False
-    grave = temp_name_for(os.path.abspath(uri))
-    try:
-        os.rename(uri, grave)  # only one taker can move it away
-    except FileNotFoundError:
-        return create_exclusive(uri, data)
-    try:
-        with open(grave, "rb") as f:
-            current = json.loads(f.read() or b"null")
-    except ValueError:
-        current = None
-    if current != expected:  # it changed under us: put it back, we did not take it
-        with contextlib.suppress(FileExistsError):
-            os.link(grave, uri)
-        os.remove(grave)
-        return False
-    os.remove(grave)
-    return create_exclusive(uri, data)
-
-
 def check_writable(uri: str) -> None:
     """Fail early, naming ``uri``, when an output root cannot be written (before any compute)."""
-    probe = join(uri, f"{TEMP_MARK}probe-{_owner_tag()}-{uuid.uuid4().hex[:8]}")
+    probe = join(uri, f"{TEMP_MARK}probe-{owner_tag()}-{uuid.uuid4().hex[:8]}")
     if is_s3(uri):
         bucket, key = split_s3(probe)
         with _s3_errors(uri):

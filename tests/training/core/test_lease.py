@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from training.core import lease, storage
+from training.core import lease, process, storage
 
 
 def test_second_holder_is_refused_naming_the_first(storage_root):
@@ -36,10 +36,10 @@ def test_a_dead_holder_binds_nobody(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     rec = json.load(open(uri))
-    assert lease.liveness(rec) == "live"
+    assert process.liveness(rec) == "live"
     p.kill()
     p.wait()
-    assert lease.liveness(rec) == "dead"  # the file is still there, its process is not
+    assert process.liveness(rec) == "dead"  # the file is still there, its process is not
     with lease.Lease(uri, what="next") as got:
         assert got.held and storage.read_json(uri)["what"] == "next"
 
@@ -47,11 +47,14 @@ def test_a_dead_holder_binds_nobody(tmp_path):
 def test_a_silent_holder_on_another_host_expires():
     now = time.time()
     other = {"host": "elsewhere", "pid": 1, "started_at": now - 999, "heartbeat_at": now - 10}
-    assert lease.liveness(other, now) == "live"
-    assert lease.liveness({**other, "heartbeat_at": now - lease.STALE_AFTER_S - 1}, now) == "silent"
+    assert process.liveness(other, now) == "live"
+    assert (
+        process.liveness({**other, "heartbeat_at": now - process.STALE_AFTER_S - 1}, now)
+        == "silent"
+    )
 
 
 def test_reused_pid_is_not_the_holder():
-    me = lease.whoami()
-    assert lease.liveness({**me, "heartbeat_at": time.time()}) == "live"
-    assert lease.is_dead({**me, "proc_start": me["proc_start"] + 12345})
+    me = process.whoami()
+    assert process.liveness({**me, "heartbeat_at": time.time()}) == "live"
+    assert process.is_dead({**me, "proc_start": me["proc_start"] + 12345})

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from training.core import storage
+from training.core import exclusive, process, storage, tempfiles
 
 
 def test_write_read_exists_size(storage_root):
@@ -35,7 +35,7 @@ def test_failed_write_publishes_nothing_and_leaves_no_listing(storage_root):
     assert not storage.exists(uri)
     assert storage.list_files(storage_root, recursive=True) == []
     if not storage.is_s3(storage_root):
-        assert not any(storage.TEMP_MARK in n for n in os.listdir(storage_root))
+        assert not any(tempfiles.TEMP_MARK in n for n in os.listdir(storage_root))
 
 
 def test_overwrite_is_atomic_replacement(storage_root):
@@ -54,7 +54,9 @@ def test_list_ignores_temp_names_and_filters_suffix(storage_root):
     for name in ("00001.tar", "00000.tar", "00000.parquet", "sub/00002.tar"):
         storage.write_bytes(storage.join(storage_root, name), b"x")
     # A temp file left by a killed writer (locally) or a stray object named like one (S3).
-    storage.write_bytes(storage.join(storage_root, ".00003.tar" + storage.TEMP_MARK + "abc"), b"x")
+    storage.write_bytes(
+        storage.join(storage_root, ".00003.tar" + tempfiles.TEMP_MARK + "abc"), b"x"
+    )
     names = [storage.basename(u) for u in storage.list_files(storage_root)]
     assert names == ["00000.parquet", "00000.tar", "00001.tar"]
     assert [storage.basename(u) for u in storage.list_files(storage_root, suffix=".tar")] == [
@@ -112,12 +114,12 @@ def test_join_and_split():
 
 def test_exclusive_create_publishes_once(storage_root):
     uri = storage.join(storage_root, "claims", "x.json")
-    assert storage.create_exclusive(uri, b'{"a": 1}')
-    assert not storage.create_exclusive(uri, b'{"a": 2}')
+    assert exclusive.create_exclusive(uri, b'{"a": 1}')
+    assert not exclusive.create_exclusive(uri, b'{"a": 2}')
     assert storage.read_json(uri) == {"a": 1}
     # replace only what is still as we read it
-    assert not storage.replace_if_unchanged(uri, {"a": 9}, b'{"a": 3}')
-    assert storage.replace_if_unchanged(uri, {"a": 1}, b'{"a": 3}')
+    assert not exclusive.replace_if_unchanged(uri, {"a": 9}, b'{"a": 3}')
+    assert exclusive.replace_if_unchanged(uri, {"a": 1}, b'{"a": 3}')
     assert storage.read_json(uri) == {"a": 3}
     assert storage.list_files(storage.join(storage_root, "claims")) == [uri]
 
@@ -132,12 +134,16 @@ def test_temp_names_carry_their_writer_and_only_dead_writers_are_cleaned(tmp_pat
     )
     dead_pid = int(dead.stdout)
     host = socket.gethostname()
-    mine = storage.temp_name_for(str(tmp_path / "a.tar"))
-    assert storage.temp_owner(mine) == (host, os.getpid())
-    theirs = tmp_path / f".b.tar{storage.TEMP_MARK}{host}-{dead_pid}-abcdef012345"
+    mine = tempfiles.temp_name_for(str(tmp_path / "a.tar"))
+    assert tempfiles.temp_owner(mine) == {
+        "host": host,
+        "pid": os.getpid(),
+        "proc_start": process.proc_start(),
+    }
+    theirs = tmp_path / f".b.tar{tempfiles.TEMP_MARK}{host}-{dead_pid}-abcdef012345"
     for p in (mine, theirs):
         open(p, "wb").close()
-    assert storage.clean_temp(str(tmp_path)) == 1  # the dead writer's file only
+    assert tempfiles.clean_temp(str(tmp_path)) == 1  # the dead writer's file only
     assert os.path.exists(mine) and not theirs.exists()
 
 
@@ -189,3 +195,19 @@ def test_unreachable_s3_endpoint_is_one_clear_error(monkeypatch):
         assert storage.s3_client().meta.config.retries.get("total_max_attempts") in (None, 2)
     finally:
         storage._clients.clear()
+
+
+def test_a_reused_pid_keeps_no_dead_writers_temp_files(tmp_path):
+    """The temporary name carries the writer's start time: a file whose pid is alive but
+    belongs to a later process (here: this one, with another start time) is a dead writer's,
+    judged by the one liveness rule (process.is_dead)."""
+    import socket
+
+    host, me = socket.gethostname(), os.getpid()
+    ours = tempfiles.temp_name_for(str(tmp_path / "a.tar"))
+    stale = tmp_path / f".b.tar{tempfiles.TEMP_MARK}{host}-{me}-{process.proc_start() - 1}-abc"
+    for p in (ours, stale):
+        open(p, "wb").close()
+    assert tempfiles.temp_owner(str(stale))["pid"] == me  # the pid alone says: alive
+    assert tempfiles.clean_temp(str(tmp_path)) == 1
+    assert os.path.exists(ours) and not stale.exists()

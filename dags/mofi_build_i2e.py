@@ -3,10 +3,13 @@
 
 Wiring only: each task launches one `mofi` command in its own process (spark-submit for ner
 and vocab, scoring workers for score) or calls one library function, so no heavy compute
-runs inside the Airflow worker.
+runs inside the Airflow worker. The stages are chained in ``runtime.layout.BUILD_STAGES``
+order, the list `mofi build-i2e` and `mofi status` use too.
 
 * Outputs: ``ROOT/v=VERSION/i2e_run`` (work files) and ``ROOT/v=VERSION/i2e`` (the shards);
-  VERSION is ``params.version`` or the run's date.
+  VERSION is ``params.version`` or the run's date (``runtime.layout.VersionLayout``).
+* Params ``root``, ``raw`` and ``kb`` default to the deployment's ``MOFI_ROOT``, ``MOFI_RAW``
+  and ``MOFI_KB``; without them a trigger must give them.
 * Spark: ner and vocab are submitted to the master of the Airflow connection
   ``spark_default`` (``local[*]``, ``spark://``, ``yarn`` or ``k8s://``: set
   ``AIRFLOW_CONN_SPARK_DEFAULT``, no code change).
@@ -34,16 +37,20 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline_tasks import recipes
 from pipeline_tasks.orchestration import dag_tasks
+from pipeline_tasks.orchestration.dag_tasks import env_param
+from pipeline_tasks.runtime.layout import BUILD_STAGES, NER, SCORE, VOCAB, WRITE
 
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
-VERSION = "{{ params.version or (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
-VERSION_ROOT = "{{ params.root }}/v=" + VERSION
-RUN = f"{VERSION_ROOT}/i2e_run"
-I2E = f"{VERSION_ROOT}/i2e"
+VERSION = "build_version(params, dag_run)"
+VERSION_ROOT = "{{ " + VERSION + ".root }}"
+RUN = "{{ " + VERSION + ".run.root }}"
+I2E = "{{ " + VERSION + ".i2e.root }}"
 COMMON = "--config {{ params.config }} --no-progress"
 INPUTS = "--raw {{ params.raw }} --kb {{ params.kb }}"
 SPARK = "{{ spark_args('spark_default') }}"
+SCORE_MODEL = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
 I2E_ASSET = Asset("mofi_i2e")
 
 DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
@@ -56,30 +63,23 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    user_defined_macros={"spark_args": dag_tasks.spark_args},
+    user_defined_macros={
+        "spark_args": dag_tasks.spark_args,
+        "build_version": dag_tasks.build_version,
+    },
     tags=["mofi", "data"],
     params={
-        "root": Param(
-            os.environ.get("MOFI_ROOT", "runs/airflow"),
+        "root": env_param(
+            "MOFI_ROOT",
+            "output root (local path or s3://); versions go to ROOT/v=VERSION",
             type="string",
             minLength=1,
-            description="output root (local path or s3://); versions go to ROOT/v=VERSION",
         ),
-        "raw": Param(
-            os.environ.get("MOFI_RAW", "runs/demo/raw"),
-            type="string",
-            minLength=1,
-            description="raw shards (img2dataset layout)",
-        ),
-        "kb": Param(
-            os.environ.get("MOFI_KB", "runs/demo/kb"),
-            type="string",
-            minLength=1,
-            description="knowledge base root",
-        ),
+        "raw": env_param("MOFI_RAW", "raw shards (img2dataset layout)", type="string", minLength=1),
+        "kb": env_param("MOFI_KB", "knowledge base root", type="string", minLength=1),
         "config": Param(
-            os.environ.get("MOFI_BUILD_CONFIG", "demo"),
-            enum=["cpu_test", "demo", "production"],
+            os.environ.get("MOFI_BUILD_CONFIG", "production"),
+            enum=list(recipes.RECIPES),
             description="named pipeline config (mofi config list)",
         ),
         "version": Param(
@@ -121,8 +121,7 @@ def mofi_build_i2e():
 
     @task.bash(execution_timeout=timedelta(hours=2))
     def prepare_score() -> str:
-        model = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
-        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --bootstrap-if-missing --prepare{model}"
+        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --bootstrap-if-missing --prepare{SCORE_MODEL}"
 
     @task
     def score_batches(run_uri: str, batch_shards: str) -> list[str]:
@@ -131,8 +130,7 @@ def mofi_build_i2e():
 
     @task.bash(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
     def score(shards: str) -> str:
-        model = "{% if params.score_model %} --model {{ params.score_model }}{% endif %}"
-        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --shards {shards}{model}"
+        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --shards {shards}{SCORE_MODEL}"
 
     @task.bash(execution_timeout=timedelta(hours=6))
     def vocab() -> str:
@@ -158,11 +156,24 @@ def mofi_build_i2e():
         """Shards done per stage; fails naming the failed shards when a stage has any."""
         return dag_tasks.build_report(version_root)
 
+    prepare = prepare_score()
     batches = score_batches(RUN, "{{ params.score_batch_shards }}")
-    check_params() >> ner() >> prepare_score() >> batches
+    prepare >> batches
     scored = score.expand(shards=batches)
-    done = scored >> vocab() >> write() >> publish(I2E)
-    done >> report(VERSION_ROOT)
+    ner_task, vocab_task, write_task = ner(), vocab(), write()
+    # each stage's first and last task, chained in the pipeline's one stage order
+    stage_tasks = {
+        NER: (ner_task, ner_task),
+        SCORE: (prepare, scored),
+        VOCAB: (vocab_task, vocab_task),
+        WRITE: (write_task, write_task),
+    }
+    last = check_params()
+    for name in BUILD_STAGES:
+        first, end = stage_tasks[name]
+        last >> first
+        last = end
+    last >> publish(I2E) >> report(VERSION_ROOT)
 
 
 mofi_build_i2e()

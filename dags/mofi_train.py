@@ -10,9 +10,11 @@ per image folder, plus the packaged backbone as the baseline when ``params.basel
 which appends to the results store and pushes to a Pushgateway when ``params.push`` is set.
 With a validation folder (``params.val``) the trained model is also mixed with its pretrained
 towers (`mofi wise-ft`: the curve over the mixing weight, chosen on that folder) and the mix
-(``model.wise.pt``) is evaluated on every folder as ``<run id>/wise``.
-Outputs go to ROOT/<run id>: a cleared or retried train task resumes from its newest
-checkpoint.
+is evaluated on every folder as ``<run id>/wise``; without one, those tasks are skipped, as
+is the baseline when it is not asked for.
+Outputs go to ROOT/<run id> (``training.layout.TrainLayout``): a cleared or retried train
+task resumes from its newest checkpoint. ``root`` and ``images`` default to the deployment's
+``MOFI_TRAIN_ROOT`` and ``MOFI_EVAL_IMAGES``; ``check_params`` refuses a run without them.
 """
 
 from __future__ import annotations
@@ -26,16 +28,26 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 from pipeline_tasks.orchestration import dag_tasks
+from training import recipes
 
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
 I2E = "{{ ti.xcom_pull(task_ids='resolve_i2e') }}"
-OUT = "{{ params.root }}/{{ run_id | replace(':', '_') | replace('+', '_') }}"
+OUT = "train_layout(params, run_id)"
 POST = (
     "{% if params.results %} --results {{ params.results }}{% endif %}"
     "{% if params.push %} --push {{ params.push }}{% endif %}"
 )
 
 DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
+
+
+def eval_command(model: str, folder: str, run_id: str, out: str = "") -> str:
+    """`mofi eval` of ``model`` on ``folder``, posted under ``run_id``."""
+    out = f" --out {out}" if out else ""
+    return (
+        f"{MOFI} -q eval --model {model} --images {folder}{out} --run-id {run_id} "
+        f"--no-progress{POST}"
+    )
 
 
 @dag(
@@ -45,18 +57,18 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    user_defined_macros={"train_layout": dag_tasks.train_layout},
     tags=["mofi", "training"],
     params={
         "i2e": Param("", type="string", description="I2E root; empty: the triggering asset's"),
         "root": Param(
-            os.environ.get("MOFI_TRAIN_ROOT", "runs/airflow/train"),
+            os.environ.get("MOFI_TRAIN_ROOT", ""),
             type="string",
-            minLength=1,
-            description="training runs root (each run in ROOT/<run id>)",
+            description="training runs root (each run in ROOT/<run id>; default: $MOFI_TRAIN_ROOT)",
         ),
         "config": Param(
-            os.environ.get("MOFI_TRAIN_CONFIG", "demo"),
-            enum=["cpu_test", "demo", "b16_8gpu"],
+            os.environ.get("MOFI_TRAIN_CONFIG", "b16_8gpu"),
+            enum=list(recipes.RECIPES),
             description="named training config (mofi config list)",
         ),
         "nnodes": Param(1, type="integer", minimum=1, description="nodes (one train task each)"),
@@ -67,9 +79,9 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-mlops", hours=2)
             "", type="string", description="HOST:PORT of the c10d rendezvous (nnodes > 1)"
         ),
         "images": Param(
-            os.environ.get("MOFI_EVAL_IMAGES", "runs/demo/eval"),
+            os.environ.get("MOFI_EVAL_IMAGES", ""),
             type="string",
-            description="eval folders in GPR1200 naming, comma separated",
+            description="eval folders in GPR1200 naming, comma separated (default: $MOFI_EVAL_IMAGES)",
         ),
         "val": Param(
             os.environ.get("MOFI_VAL_IMAGES", ""),
@@ -117,7 +129,7 @@ def mofi_train():
             " --rdzv-endpoint {{ params.rdzv_endpoint }}{% endif %}"
         )
         return (
-            f"{MOFI} -q train --i2e {I2E} --out {OUT} --config {{{{ params.config }}}}{dist}"
+            f"{MOFI} -q train --i2e {I2E} --out {{{{ {OUT}.root }}}} --config {{{{ params.config }}}}{dist}"
             f"  # node {node}"
         )
 
@@ -127,37 +139,26 @@ def mofi_train():
 
     @task.bash
     def evaluate(folder: str) -> str:
-        return (
-            f"{MOFI} -q eval --model {OUT}/model.pt --images {folder} "
-            f"--run-id {{{{ run_id }}}} --no-progress{POST}"
-        )
+        return eval_command(f"{{{{ {OUT}.model }}}}", folder, "{{ run_id }}")
 
+    @task.run_if(dag_tasks.has_validation_folder, skip_message="no validation folder (params.val)")
     @task.bash
     def wise_ft() -> str:
         return (
-            "{% if params.val %}"
-            f"{MOFI} -q wise-ft --model {OUT}/model.pt --val {{{{ params.val }}}} "
-            "--alphas {{ params.wise_alphas }}"
-            "{% else %}echo 'no validation folder: WiSE-FT not run'{% endif %}"
+            f"{MOFI} -q wise-ft --model {{{{ {OUT}.model }}}} --val {{{{ params.val }}}} "
+            f"--out {{{{ {OUT}.wise_model }}}} --alphas {{{{ params.wise_alphas }}}}"
         )
 
     @task.bash
     def evaluate_wise(folder: str) -> str:
-        return (
-            "{% if params.val %}"
-            f"{MOFI} -q eval --model {OUT}/model.wise.pt --images {folder} "
-            f"--run-id {{{{ run_id }}}}/wise --no-progress{POST}"
-            "{% else %}echo 'no validation folder: no WiSE-FT model'{% endif %}"
-        )
+        return eval_command(f"{{{{ {OUT}.wise_model }}}}", folder, "{{ run_id }}/wise")
 
+    @task.run_if(dag_tasks.baseline_requested, skip_message="baseline not requested")
     @task.bash
     def evaluate_baseline(folder: str) -> str:
-        return (
-            "{% if params.baseline %}"
-            f"{MOFI} -q eval --model packaged --images {folder} --out {OUT}/eval/packaged."
-            f"$(basename {folder}).metrics.json --run-id {{{{ run_id }}}}/packaged --no-progress{POST}"
-            "{% else %}echo 'baseline not requested'{% endif %}"
-        )
+        base = dag_tasks.BASELINE
+        out = dag_tasks.baseline_metrics_template(OUT, folder)
+        return eval_command(base, folder, f"{{{{ run_id }}}}/{base}", out)
 
     nodes = check_params()
     i2e = resolve_i2e("{{ params.i2e }}")

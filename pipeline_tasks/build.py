@@ -1,23 +1,69 @@
 """`mofi build-i2e`: every I2E stage in order, without Airflow, resumable.
 
-ner -> (scorer-bootstrap, when ``scoring.needs_bootstrap``) -> score -> vocab -> write. Each
-stage skips the shards whose done marker exists, so a killed build re-run with the same
-arguments picks up where it stopped and produces the same bytes. A stage that leaves failed
-shards stops the build (``StageFailed``); its markers say which and why.
+The stages are ``runtime.layout.BUILD_STAGES``, in that order (the build DAG chains its
+tasks by the same list): ner -> score (the packaged scorer bootstrapped first, when
+``score.stage.needs_bootstrap``) -> vocab -> write. Each stage skips the shards whose done
+marker matches their files, so a killed build re-run with the same arguments picks up where
+it stopped and produces the same bytes. A stage that leaves failed shards stops the build
+(``StageFailed``); its markers say which and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from training.core import storage
 
-from . import ner, scoring, vocab, write
 from .recipes import PipelineConfig
+from .runtime.layout import BUILD_STAGES, NER, SCORE, VOCAB, WRITE
+from .stages.ner.stage import run_ner
+from .stages.score.stage import ensure_scorer, needs_bootstrap, run_score
+from .stages.vocab.stage import run_vocab
+from .stages.write.stage import run_write
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildInputs:
+    config: PipelineConfig
+    raw: str
+    kb: str
+    run: str
+    i2e: str
+    progress: bool
+
+
+def _ner(b: BuildInputs, step) -> None:
+    step(NER, run_ner, b.config.ner, b.raw, b.kb, b.run, progress=b.progress)
+
+
+def _score(b: BuildInputs, step) -> None:
+    c = b.config
+    if needs_bootstrap(c.score, b.run):
+        boot = (c.score, c.bootstrap, b.raw, b.kb, b.run)
+        step("scorer-bootstrap", ensure_scorer, *boot, progress=b.progress)
+    step(SCORE, run_score, c.score, b.raw, b.run, b.kb, progress=b.progress)
+
+
+def _vocab(b: BuildInputs, step) -> None:
+    step(VOCAB, run_vocab, b.config.vocab, b.run, b.kb, progress=b.progress)
+
+
+def _write(b: BuildInputs, step) -> None:
+    step(WRITE, run_write, b.config.write, b.raw, b.run, b.i2e, progress=b.progress)
+
+
+RUNNERS: dict[str, Callable[[BuildInputs, Callable], None]] = {
+    NER: _ner,
+    SCORE: _score,
+    VOCAB: _vocab,
+    WRITE: _write,
+}
 
 
 def build_i2e(
@@ -41,19 +87,7 @@ def build_i2e(
         out[name] = res
         return res
 
-    step("ner", ner.run_ner, p.ner, raw_uri, kb_uri, run_uri, progress=progress)
-    if scoring.needs_bootstrap(p.score, run_uri):
-        step(
-            "scorer-bootstrap",
-            scoring.ensure_scorer,
-            p.score,
-            p.bootstrap,
-            raw_uri,
-            kb_uri,
-            run_uri,
-            progress=progress,
-        )
-    step("score", scoring.run_score, p.score, raw_uri, run_uri, kb_uri, progress=progress)
-    step("vocab", vocab.run_vocab, p.vocab, run_uri, kb_uri, progress=progress)
-    step("write", write.run_write, p.write, raw_uri, run_uri, i2e_uri, progress=progress)
+    inputs = BuildInputs(p, raw_uri, kb_uri, run_uri, i2e_uri, progress)
+    for name in BUILD_STAGES:
+        RUNNERS[name](inputs, step)
     return out

@@ -8,12 +8,11 @@ from collections.abc import Callable
 
 from training.core.config import ConfigError, StageConfig
 
-from .bootstrap import BootstrapConfig
-from .kb import KBConfig
-from .ner import NerConfig
-from .scoring import ScoreConfig
-from .vocab import VocabConfig
-from .write import WriteConfig
+from .stages.kb.stage import KBConfig
+from .stages.ner.stage import NerConfig
+from .stages.score.config import BootstrapConfig, ScoreConfig
+from .stages.vocab.stage import VocabConfig
+from .stages.write.stage import WriteConfig
 
 
 @dataclasses.dataclass

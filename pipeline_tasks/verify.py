@@ -59,7 +59,7 @@ def main() -> int:
             f"pyspark is {pyspark.__version__}, expected 4.3.x: pyspark-client overwrote it; "
             "run `.venv/bin/pip install --no-deps --force-reinstall pyspark==4.3.0`"
         )
-    from pipeline_tasks.kb import vital_articles_path
+    from pipeline_tasks.stages.kb.sources import vital_articles_path
 
     try:
         vital_articles_path()

@@ -12,6 +12,10 @@ import time
 
 import pytest
 
+from pipeline_tasks.demo.layout import DAG_BUNDLE as DEMO_DAG_BUNDLE
+from pipeline_tasks.demo.layout import DAG_FOLDER as DEMO_DAG_FOLDER
+from pipeline_tasks.orchestration.local_airflow import dag_bundles
+
 # Airflow reads its configuration when first imported: give the test session its own
 # home (SQLite metadata DB) and no example DAGs before any test can import it.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="mofi-airflow-home-")
@@ -22,6 +26,10 @@ os.environ["AIRFLOW__CORE__PARALLELISM"] = "2"
 os.environ.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", '{"conn_type": "spark", "host": "local[2]"}')
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dags"
+)
+# the demo's DAG is a bundle of its own beside dags/, as the demo's local Airflow loads it
+os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
+    dag_bundles({DEMO_DAG_BUNDLE: DEMO_DAG_FOLDER})
 )
 
 from training.core.compat import ensure_torchvision  # noqa: E402
@@ -281,7 +289,7 @@ def tiny_kb_table(tmp_path):
 
 @pytest.fixture
 def tiny_kb(tmp_path, tiny_kb_table):
-    from pipeline_tasks.kb import KBConfig, build_kb
+    from pipeline_tasks.stages.kb.stage import KBConfig, build_kb
 
     out = str(tmp_path / "kb")
     build_kb(KBConfig(sources=(tiny_kb_table,)), out)
@@ -293,7 +301,7 @@ def tiny_corpus(tmp_path_factory):
     """A 64-pair corpus (4 shards) over the tiny KB, built once per test session; treat as read-only."""
     from pipeline_tasks.demo import corpus
     from pipeline_tasks.demo import recipes as demo_recipes
-    from pipeline_tasks.kb import KBConfig, build_kb
+    from pipeline_tasks.stages.kb.stage import KBConfig, build_kb
 
     root = tmp_path_factory.mktemp("tiny_corpus")
     pictures = root / "pictures"

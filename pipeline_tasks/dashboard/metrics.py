@@ -70,6 +70,22 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
+        yield from self._stages(snap["runs"])
+        yield from self._training(snap["runs"])
+        yield from self._eval(snap["results"])
+        up = GaugeMetricFamily(
+            "mofi_dashboard_root_up", "1 when the root could be read.", labels=["root"]
+        )
+        for r in snap["roots"]:
+            up.add_metric([r["uri"]], 0.0 if r["error"] else 1.0)
+        yield up
+        yield GaugeMetricFamily(
+            "mofi_dashboard_read_seconds",
+            "Seconds the last snapshot took to read.",
+            value=snap["read_s"],
+        )
+
+    def _stages(self, runs: list[dict[str, Any]]) -> Iterator[Metric]:
         shards = GaugeMetricFamily(
             "mofi_shards", "Shards of a stage by state.", labels=[*STAGE_LABELS, "state"]
         )
@@ -113,6 +129,25 @@ class SnapshotCollector(Collector):
             "Newest heartbeat or finished shard of the stage (Unix time).",
             labels=STAGE_LABELS,
         )
+        for run in runs:
+            for s in run["stages"]:
+                lab = [run["id"], s["where"], s["stage"]]
+                for state, key in STATES:
+                    shards.add_metric([*lab, state], s[key])
+                s_in.add_metric(lab, s["samples_in"])
+                s_out.add_metric(lab, s["samples_out"])
+                for reason, n in s["drops"].items():
+                    drops.add_metric([*lab, reason], n)
+                out_bytes.add_metric(lab, s["bytes_out"])
+                rate.add_metric(lab, s["samples_per_s"] or 0.0)
+                if s["eta_s"] is not None:
+                    eta.add_metric(lab, s["eta_s"])
+                complete.add_metric(lab, 1.0 if s["complete"] else 0.0)
+                if s["last_update"]:
+                    updated.add_metric(lab, s["last_update"])
+        yield from (shards, s_in, s_out, drops, out_bytes, rate, eta, complete, updated)
+
+    def _training(self, runs: list[dict[str, Any]]) -> Iterator[Metric]:
         step = GaugeMetricFamily(
             "mofi_train_step", "Last logged optimiser step.", labels=["run", "path"]
         )
@@ -129,22 +164,7 @@ class SnapshotCollector(Collector):
             "When the training metrics log last changed (Unix time).",
             labels=["run", "path"],
         )
-        for run in snap["runs"]:
-            for s in run["stages"]:
-                lab = [run["id"], s["where"], s["stage"]]
-                for state, key in STATES:
-                    shards.add_metric([*lab, state], s[key])
-                s_in.add_metric(lab, s["samples_in"])
-                s_out.add_metric(lab, s["samples_out"])
-                for reason, n in s["drops"].items():
-                    drops.add_metric([*lab, reason], n)
-                out_bytes.add_metric(lab, s["bytes_out"])
-                rate.add_metric(lab, s["samples_per_s"] or 0.0)
-                if s["eta_s"] is not None:
-                    eta.add_metric(lab, s["eta_s"])
-                complete.add_metric(lab, 1.0 if s["complete"] else 0.0)
-                if s["last_update"]:
-                    updated.add_metric(lab, s["last_update"])
+        for run in runs:
             for t in run["training"]:
                 if t.get("step") is None:
                     continue
@@ -161,20 +181,7 @@ class SnapshotCollector(Collector):
                     t_rate.add_metric(lab, t["samples_per_s"])
                 if t.get("last_update"):
                     t_updated.add_metric(lab, t["last_update"])
-        yield from (shards, s_in, s_out, drops, out_bytes, rate, eta, complete, updated)
         yield from (step, loss, t_rate, t_updated)
-        yield from self._eval(snap["results"])
-        up = GaugeMetricFamily(
-            "mofi_dashboard_root_up", "1 when the root could be read.", labels=["root"]
-        )
-        for r in snap["roots"]:
-            up.add_metric([r["uri"]], 0.0 if r["error"] else 1.0)
-        yield up
-        yield GaugeMetricFamily(
-            "mofi_dashboard_read_seconds",
-            "Seconds the last snapshot took to read.",
-            value=snap["read_s"],
-        )
 
     def _eval(self, results: dict[str, Any]) -> Iterator[Metric]:
         labels = ["run_id", "model", "images"]

@@ -19,11 +19,11 @@ import os
 import re
 
 from training.core import storage
+from training.layout import METRICS_LOG
 
 from ..runtime import markers, status
 
 PARTITION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^/]+$")
-METRICS_LOG = "metrics.jsonl"
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ from .runs import Run, find_runs, root_labels
 from .training_log import TrainingLogReader
 
 COUNTS = ("shards_total", "done", "failed", "running", "stale_running", "invalid", "pending")
-STAGE_RANK = {name: i for i, name in enumerate(status.STAGE_ORDER)}
 
 
 def _listed(shards: dict[str, Any], limit: int, key: str) -> list[dict[str, Any]]:
@@ -110,7 +109,7 @@ class SnapshotBuilder:
                 s = status.summarize_stage(root, stage, now, self.reader)
                 s["where"] = where
                 stages.append(stage_view(s, self.config.shards_listed))
-        stages.sort(key=lambda s: (STAGE_RANK.get(s["stage"], len(STAGE_RANK)), s["where"]))
+        stages.sort(key=status.display_order)
         training = []
         for where, folder in run.training:
             try:

@@ -16,8 +16,7 @@ import time
 from typing import Any
 
 from training.core import storage
-
-from .runs import METRICS_LOG
+from training.layout import TrainLayout
 
 SERIES = ("loss", "loss_class", "loss_contrast", "lr", "samples_per_s", "elapsed_s")
 _TAIL = 64  # bytes before the read offset that must be unchanged for an incremental read
@@ -91,7 +90,7 @@ class TrainingLogReader:
         return log
 
     def _config(self, folder: str) -> dict[str, Any] | None:
-        uri = storage.join(folder, "train.config.json")
+        uri = TrainLayout(folder).config
         try:
             version = (
                 os.stat(uri).st_mtime_ns if not storage.is_s3(uri) else storage.fingerprint(uri)
@@ -114,7 +113,7 @@ class TrainingLogReader:
         """The training run in ``folder``: its latest step and its curves thinned to at most
         ``points`` points (the last step always kept)."""
         now = time.time() if now is None else now
-        uri = storage.join(folder, METRICS_LOG)
+        uri = TrainLayout(folder).metrics
         with self._lock:
             if storage.is_s3(uri):
                 log, updated = self._read_whole(uri), None
@@ -122,7 +121,7 @@ class TrainingLogReader:
                 log = self._read_local(uri)
                 updated = os.stat(uri).st_mtime
             cfg = self._config(folder)
-        finished = storage.exists(storage.join(folder, "model.pt"))
+        finished = storage.exists(TrainLayout(folder).model)
         n = len(log.step)
         last = {k: (log.cols[k][-1] if n else None) for k in SERIES}
         # silent: no step for 20 typical step times (at least 2 minutes)

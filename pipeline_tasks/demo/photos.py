@@ -37,6 +37,8 @@ import tempfile
 from collections import Counter, defaultdict
 from typing import Any
 
+from evaluation.layout import CLASSES_FILE, image_name
+
 from . import data_dir
 
 log = logging.getLogger(__name__)
@@ -303,7 +305,7 @@ def write_eval_folder(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not os.path.exists(os.path.join(out_dir, "classes.json")):
+        if not os.path.exists(os.path.join(out_dir, CLASSES_FILE)):
             raise FileNotFoundError(
                 f"{out_dir} exists and is not an evaluation folder (no classes.json); "
                 "choose an empty or new folder"
@@ -316,11 +318,11 @@ def write_eval_folder(
         n = 0
         for cid, name in enumerate(names):
             for code, jpg in sorted(kept[name]):
-                with open(os.path.join(staging, f"{cid}_{code}.jpg"), "wb") as f:
+                with open(os.path.join(staging, image_name(cid, code)), "wb") as f:
                     f.write(jpg)
                 n += 1
             table[str(cid)] = {"category": name, "n": len(kept[name])}
-        with open(os.path.join(staging, "classes.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, CLASSES_FILE), "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1, ensure_ascii=False)
             f.write("\n")
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -133,3 +133,17 @@ class AirflowClient:
                     f"{dag_id} run {run_id} still {run['state']} after {timeout_s:.0f}s"
                 )
             time.sleep(poll_s)
+
+    def asset_triggered_run(self, dag_id: str, after: float, timeout_s: float) -> dict[str, Any]:
+        """The first run of ``dag_id`` an asset event triggered at or after ``after`` (Unix
+        time), once it exists."""
+        import datetime
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            for r in self.runs(dag_id):
+                when = datetime.datetime.fromisoformat(r["run_after"]).timestamp()
+                if r.get("run_type") == "asset_triggered" and when >= after - 1:
+                    return r
+            time.sleep(2.0)
+        raise AirflowError(f"no {dag_id} run was triggered by an asset within {timeout_s:.0f}s")

@@ -7,7 +7,10 @@
   than ``MAX_MAP`` entries: the batch grows with the shard count);
 * :func:`spark_args`: the Spark master and deploy mode from an Airflow connection, resolved
   the way the provider's ``SparkSubmitOperator`` resolves it;
-* :func:`build_report`: the last task: fails naming the failed shards of every stage.
+* :func:`build_report`: the last task: fails naming the failed shards of every stage;
+* :func:`build_version` / :func:`train_layout`: the folders a run writes, from the run's
+  params (Jinja macros of the DAGs: the layouts name every folder, the DAGs spell none);
+* :func:`env_param`: a param whose default is a deployment setting.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from training.core import storage
 from training.core.config import ConfigError
 
 MAX_MAP = 1024  # Airflow's default max_map_length
+BASELINE = "packaged"  # the backbone every machine has: the train DAG's baseline model
 WISE_ALPHAS = "0,0.2,0.4,0.6,0.8,1"  # the train DAG's WiSE-FT mixing weights (validation only)
 
 
@@ -40,10 +44,57 @@ def default_args(owner: str, hours: float = 6) -> dict[str, Any]:
     }
 
 
+def env_param(var: str, description: str, **schema: Any):
+    """A param whose default is the deployment's setting ``$VAR``; without it the param is
+    required (a trigger must give it, and a scheduled DAG cannot be scheduled without it)."""
+    import os
+
+    from airflow.sdk import Param
+
+    value = os.environ.get(var)
+    if value:
+        return Param(value, description=f"{description} (default: ${var})", **schema)
+    return Param(description=f"{description} (required: no ${var} in this deployment)", **schema)
+
+
+def build_version(params: dict[str, Any], dag_run: Any):
+    """The version a build run writes: ``params.version``, else the run's date."""
+    from ..runtime.layout import VersionLayout
+
+    when = dag_run.logical_date or dag_run.run_after
+    return VersionLayout.of(params["root"], params.get("version") or when.strftime("%Y-%m-%d"))
+
+
+def train_layout(params: dict[str, Any], run_id: str):
+    """The folder a training run writes: ``ROOT/<run id>`` (made path-safe)."""
+    from training.layout import TrainLayout
+
+    return TrainLayout(storage.join(params["root"], run_id.replace(":", "_").replace("+", "_")))
+
+
+def has_validation_folder(context: dict[str, Any]) -> bool:
+    """The train DAG's WiSE-FT runs only with a validation folder (``params.val``)."""
+    return bool(context["params"].get("val"))
+
+
+def baseline_requested(context: dict[str, Any]) -> bool:
+    return bool(context["params"].get("baseline"))
+
+
+def baseline_metrics_template(layout_expr: str, folder: str) -> str:
+    """Jinja for where the baseline's metrics on ``folder`` go in the training run's folder."""
+    import json
+
+    from evaluation.layout import folder_name
+
+    args = f"{json.dumps(BASELINE)}, {json.dumps(folder_name(folder))}"
+    return "{{ " + f"{layout_expr}.eval_metrics({args})" + " }}"
+
+
 def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
     from .. import recipes
-    from ..kb import load_kb
-    from ..raw import discover
+    from ..runtime.raw import discover
+    from ..stages.kb.stage import load_kb
 
     recipes.get(params["config"])  # an unknown config names the known ones
     problems = []
@@ -62,22 +113,25 @@ def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
     if int(params.get("score_batch_shards", 1)) < 1:
         problems.append("score_batch_shards must be >= 1")
-    try:
-        storage.check_writable(params["root"])
-    except storage.StorageError as exc:
-        problems.append(str(exc))
-    if problems:
-        raise ConfigError("; ".join(problems) + ": fix the params and trigger again")
+    _check_root(params["root"], problems)
     return {"raw_shards": len(shards)}
 
 
 def check_train_params(params: dict[str, Any]) -> None:
+    from evaluation.layout import CLASSES_FILE
     from training import recipes as train_recipes
 
     train_recipes.get(params["config"])
     problems = []
-    for folder in eval_folders(params.get("images", "")):
-        if not storage.exists(storage.join(folder, "classes.json")) and not storage.list_files(
+    if not params.get("root"):
+        problems.append("params.root is empty: set MOFI_TRAIN_ROOT in the deployment or pass root")
+    folders = eval_folders(params.get("images", ""))
+    if not folders:
+        problems.append(
+            "params.images names no evaluation folder: set MOFI_EVAL_IMAGES or pass images"
+        )
+    for folder in folders:
+        if not storage.exists(storage.join(folder, CLASSES_FILE)) and not storage.list_files(
             folder, suffix=".jpg"
         ):
             problems.append(f"eval folder {folder} has no images")
@@ -93,10 +147,16 @@ def check_train_params(params: dict[str, Any]) -> None:
         problems.append(f"wise_alphas {alphas!r}: mixing weights are numbers in [0, 1]")
     if int(params.get("nnodes", 1)) > 1 and ":" not in params.get("rdzv_endpoint", ""):
         problems.append("nnodes > 1 needs rdzv_endpoint HOST:PORT")
-    try:
-        storage.check_writable(params["root"])
-    except storage.StorageError as exc:
-        problems.append(str(exc))
+    _check_root(params.get("root"), problems)
+
+
+def _check_root(root: str | None, problems: list[str]) -> None:
+    """The output root is writable (when given); then every problem found, in one error."""
+    if root:
+        try:
+            storage.check_writable(root)
+        except storage.StorageError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems) + ": fix the params and trigger again")
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from training.core import lease
+from training.core import process
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +58,30 @@ def device_count() -> int:
         return 1
 
 
-def run_env(
-    run: str, eval_folders: list[str] | None = None, val_folder: str | None = None
-) -> dict[str, str]:
-    """The DAGs' parameter defaults for a local run root (the DAG files read them from the
-    environment of the dag-processor): ``RUN/raw`` and ``RUN/kb`` in, versions under ``RUN``,
-    training runs under ``RUN/train``, results in ``RUN/results.sqlite``; the dashboard
-    watches ``RUN``; ``val_folder`` turns WiSE-FT on."""
-    run = os.path.abspath(run)
-    folders = eval_folders or [os.path.join(run, "eval")]
-    return {
-        "MOFI_ROOT": run,
-        "MOFI_RAW": os.path.join(run, "raw"),
-        "MOFI_KB": os.path.join(run, "kb"),
-        "MOFI_TRAIN_ROOT": os.path.join(run, "train"),
-        "MOFI_EVAL_IMAGES": ",".join(os.path.abspath(f) for f in folders),
-        "MOFI_EVAL_BASELINE": "1",
-        "MOFI_RESULTS_URL": f"sqlite:///{run}/results.sqlite",
-        "MOFI_DASHBOARD_ROOTS": run,
-        "MOFI_VAL_IMAGES": os.path.abspath(val_folder) if val_folder else "",
-    }
+def dag_bundles(dag_folders: dict[str, str] | None = None) -> list[dict]:
+    """Airflow's DAG bundle list: the project's ``dags/`` and each more folder (name -> path)."""
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    folders = {"dags-folder": os.path.join(REPO, "dags"), **(dag_folders or {})}
+    return [
+        {"name": name, "classpath": local, "kwargs": {"path": path}}
+        for name, path in folders.items()
+    ]
 
 
 class LocalAirflow:
-    def __init__(self, home: str, port: int | None = None, extra_env: dict[str, str] | None = None):
+    """``extra_env``: settings for the DAGs (their params' defaults); ``dag_folders``: more DAG
+    folders beside the project's ``dags/``, each loaded as a DAG bundle of its own (the
+    demo's DAG)."""
+
+    def __init__(
+        self,
+        home: str,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        dag_folders: dict[str, str] | None = None,
+    ):
         self.home = os.path.abspath(home)
+        self.dag_folders = dict(dag_folders or {})
         self.state_file = os.path.join(self.home, "services.json")
         saved = self._read_state()
         self.port = port or (saved or {}).get("port") or DEFAULT_PORT
@@ -131,6 +129,7 @@ class LocalAirflow:
             "AIRFLOW__API__SECRET_KEY": self._secret("api_secret"),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": os.path.join(self.home, "logs"),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(dag_bundles(self.dag_folders)),
         }
         # Spark stages read the Airflow connection spark_default: local[*] unless the
         # environment points it elsewhere (spark://, yarn, k8s://)
@@ -166,7 +165,7 @@ class LocalAirflow:
         return {
             name: rec
             for name, rec in state.get("services", {}).items()
-            if not lease.is_dead({**rec, "host": socket.gethostname()})
+            if not process.is_dead({**rec, "host": socket.gethostname()})
         }
 
     def healthy(self, timeout: float = 2.0) -> bool:
@@ -230,7 +229,7 @@ class LocalAirflow:
                 cwd=self.home,
             )
             logf.close()
-            services[name] = {"pid": p.pid, "proc_start": lease._proc_start(p.pid)}
+            services[name] = {"pid": p.pid, "proc_start": process.proc_start(p.pid)}
         with open(self.state_file, "w") as f:
             json.dump({"port": self.port, "started_at": time.time(), "services": services}, f)
         deadline = time.time() + wait_s
@@ -257,14 +256,14 @@ class LocalAirflow:
         recs = state.get("services", {})
         stopped = []
         for name, rec in recs.items():
-            if lease.is_dead({**rec, "host": socket.gethostname()}):
+            if process.is_dead({**rec, "host": socket.gethostname()}):
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(rec["pid"], signal.SIGTERM)
                 stopped.append(name)
         deadline = time.time() + timeout_s
         for rec in recs.values():
-            while time.time() < deadline and not lease.is_dead(
+            while time.time() < deadline and not process.is_dead(
                 {**rec, "host": socket.gethostname()}
             ):
                 time.sleep(0.2)
@@ -287,9 +286,3 @@ class LocalAirflow:
         from .client import AirflowClient
 
         return AirflowClient(self.url, USER, self.password())
-
-    def wipe(self) -> None:
-        """Remove the home (DB, logs, login); the services must be down."""
-        if self.running():
-            raise RuntimeError(f"Airflow services of {self.home} are running: `down` first")
-        shutil.rmtree(self.home, ignore_errors=True)

@@ -31,7 +31,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from training.core.config import ConfigError
-from training.core.lease import Lease, die_with_parent
+from training.core.lease import Lease
+from training.core.process import die_with_parent
 
 from .markers import MarkerStore, ShardBusy, ShardRun, ShardStats, verify_done
 
@@ -234,21 +235,27 @@ def run_shards(
                 _run_spawned(stage, store, todo, world, outcomes, reports, bar)
         finally:
             bar.close()
-    # every planned shard still not done is failed (by this call, an earlier one, or a
-    # death), unless another live run is on it
-    recs = None
     for t in mine:
         o = outcomes.get(t.shard)
         if o is not None and o.busy:
             res.busy[t.shard] = o.busy
         elif o is not None and o.error:
             res.failed[t.shard] = o.error
-        elif not store.is_done(t.shard):
-            recs = recs if recs is not None else store.read_all()
-            res.failed[t.shard] = recs.get(t.shard, {}).get("error") or "not finished"
+    collect_failures(store, [t.shard for t in mine if t.shard not in res.busy], res)
     res.extra.update(stage.summarize(reports) if reports else {})
     res.seconds = round(time.time() - t0, 2)
     return res
+
+
+def collect_failures(store: MarkerStore, shards: Iterable[str], res: StageResult) -> None:
+    """Every planned shard still not done is failed (by this call, an earlier one, or a death),
+    with the error its failed marker holds; the one failure contract of every stage."""
+    recs = None
+    for shard in shards:
+        if shard in res.failed or store.is_done(shard):
+            continue
+        recs = recs if recs is not None else store.read_all()
+        res.failed[shard] = recs.get(shard, {}).get("error") or "not finished"
 
 
 def pending_tasks(store: MarkerStore, tasks: list[ShardTask], res: StageResult) -> list[ShardTask]:

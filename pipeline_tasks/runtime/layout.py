@@ -13,7 +13,11 @@ A consumer asks the layout for its producer's output instead of spelling the pat
     I2E/...                                 see training.core.i2e             (write)
 
 Every stage folder holds its markers under ``_markers/STAGE`` (see ``markers``). A build
-version made by the DAG lives under ``ROOT/v=DATE/`` with ``i2e_run`` and ``i2e`` in it.
+version lives under ``ROOT/v=VERSION/`` with ``i2e_run`` and ``i2e`` in it (:class:`VersionLayout`).
+
+:data:`STAGES` is the pipeline's one ordered list of stages: ``mofi build-i2e`` runs
+:data:`BUILD_STAGES` in this order, the build DAG chains its tasks by it, and ``mofi status``
+lists marker stores in its order.
 """
 
 from __future__ import annotations
@@ -24,14 +28,26 @@ import os
 import tempfile
 
 from training.core import storage
-from training.core.i2e import VOCAB_FILE, I2ELayout
+from training.core.i2e import VOCAB_FILE, WRITE_STAGE, I2ELayout
 
 from .markers import MarkerStore
 
-NER, SCORE, VOCAB, LABELS, WRITE = "ner", "score", "vocab", "labels", "write"
+KB, NER, SCORE, VOCAB, LABELS, WRITE = "kb", "ner", "score", "vocab", "labels", WRITE_STAGE
+# (stage, the marker stores it writes), in pipeline order; the knowledge base is the build's
+# input, built once per KB version (``mofi kb``)
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (KB, (KB,)),
+    (NER, (NER,)),
+    (SCORE, (SCORE,)),
+    (VOCAB, (VOCAB, LABELS)),
+    (WRITE, (WRITE,)),
+)
+BUILD_STAGES = tuple(name for name, _ in STAGES if name != KB)
+MARKER_STORES = tuple(store for _, stores in STAGES for store in stores)
 RUN_DIR_NAME = "i2e_run"
 WORK_DIR_NAME = "_work"
 I2E_DIR_NAME = "i2e"
+VERSION_PREFIX = "v="
 
 
 def sibling(uri: str, name: str) -> str:
@@ -94,9 +110,15 @@ class RunLayout:
 
 @dataclasses.dataclass(frozen=True)
 class VersionLayout:
-    """One dataset version built by the DAG: ``ROOT/v=DATE/{i2e_run,i2e}``."""
+    """One dataset version: ``ROOT/v=VERSION/{i2e_run,i2e}`` (the build DAG's outputs)."""
 
     root: str
+
+    @classmethod
+    def of(cls, root: str, version: str) -> VersionLayout:
+        if not version or "/" in version:
+            raise ValueError(f"bad version name {version!r}")
+        return cls(storage.join(str(root), f"{VERSION_PREFIX}{version}"))
 
     @property
     def run(self) -> RunLayout:

@@ -20,18 +20,23 @@ Layout under a stage's output root::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from training.core import lease, storage
+from training.core import storage
+from training.core.done_check import MARKER_DIR, marker_uri, output_uri, outputs_problem
+from training.core.exclusive import create_exclusive, replace_if_unchanged
+from training.core.process import HEARTBEAT_S, describe, liveness, whoami
 
-MARKER_DIR = "_markers"
 STATES = ("done", "failed", "running")
+# which marker of a shard wins when several exist (a write between listing and reading)
+PRECEDENCE = {"done": 0, "failed": 1, "running": 2}
 log = logging.getLogger(__name__)
 
 
@@ -88,14 +93,14 @@ def shard_id(index: int) -> str:
     return f"{index:05d}"
 
 
+# The one shard of a stage that runs as a whole (kb, vocab, the demo's pictures).
+WHOLE_STAGE = shard_id(0)
+
+
 def relative_name(root: str, uri: str) -> str:
     """``uri`` relative to ``root`` when below it, else ``uri`` itself."""
     root = root.rstrip("/") + "/"
     return uri[len(root) :] if uri.startswith(root) else uri
-
-
-def output_uri(root: str, name: str) -> str:
-    return name if storage.is_s3(name) or name.startswith("/") else storage.join(root, name)
 
 
 def record_outputs(stats: ShardStats, root: str, uris: Iterable[str]) -> None:
@@ -132,7 +137,7 @@ class _Heartbeats:
 
     def _run(self) -> None:
         while True:
-            time.sleep(lease.HEARTBEAT_S)
+            time.sleep(HEARTBEAT_S)
             with self._lock:
                 items = list(self._live.items())
             for uri, rec in items:
@@ -168,7 +173,7 @@ class MarkerStore:
         self.dir = storage.join(root, MARKER_DIR, stage)
 
     def _uri(self, shard: str, state: str) -> str:
-        return storage.join(self.dir, f"{shard}.{state}.json")
+        return marker_uri(self.root, self.stage, shard, state)
 
     # -- plan
     def write_plan(self, shards: Iterable[str], meta: dict[str, Any] | None = None) -> None:
@@ -206,8 +211,8 @@ class MarkerStore:
             "shard": shard,
             "started_at": now,
             "heartbeat_at": now,
-            "token": f"{lease.whoami()['host']}-{lease.whoami()['pid']}-{now}",
-            **lease.whoami(),
+            "token": f"{whoami()['host']}-{whoami()['pid']}-{now}",
+            **whoami(),
         }
 
     def claim(self, shard: str) -> dict[str, Any] | None:
@@ -218,21 +223,21 @@ class MarkerStore:
         uri = self._uri(shard, "running")
         rec = self._running_record(shard)
         data = json.dumps(rec).encode()
-        while not storage.create_exclusive(uri, data):
+        while not create_exclusive(uri, data):
             try:
                 held = storage.read_json(uri)
             except (FileNotFoundError, ValueError):
                 continue
-            if lease.liveness(held) == "live":
+            if liveness(held) == "live":
                 raise ShardBusy(
-                    f"{self.stage} shard {shard} is being processed by {lease.describe(held)}"
+                    f"{self.stage} shard {shard} is being processed by {describe(held)}"
                 )
-            if storage.replace_if_unchanged(uri, held, data):
+            if replace_if_unchanged(uri, held, data):
                 log.warning(
                     "%s shard %s: took over the stale claim of %s",
                     self.stage,
                     shard,
-                    lease.describe(held),
+                    describe(held),
                 )
                 break
         HEARTBEATS.add(uri, rec)
@@ -281,20 +286,7 @@ class MarkerStore:
         stats = stats if stats is not None else self.read_done(shard)
         if stats is None:
             return "no done marker"
-        for name, want in stats.outputs.items():
-            uri = output_uri(self.root, name)
-            if sizes is not None and uri in sizes:
-                got = sizes[uri]
-            else:
-                try:
-                    got = storage.size(uri)
-                except FileNotFoundError:
-                    return f"{name} is missing"
-            if got != want["size"]:
-                return f"{name} has {got} bytes, its done marker recorded {want['size']}"
-            if deep and storage.sha256(uri) != want["sha256"]:
-                return f"{name} does not match the sha256 its done marker recorded"
-        return None
+        return outputs_problem(self.root, stats.outputs, sizes, deep=deep)
 
     def is_complete(self, shard: str) -> bool:
         """Done, and its outputs are as the done marker recorded them."""
@@ -302,23 +294,34 @@ class MarkerStore:
         return stats is not None and self.verify(shard, stats) is None
 
     def read_all(self) -> dict[str, dict[str, Any]]:
-        """shard -> marker record with its ``state``; done beats failed beats running."""
-        rank = {"done": 0, "failed": 1, "running": 2}
-        out: dict[str, dict[str, Any]] = {}
-        for uri in storage.list_files(self.dir, suffix=".json"):
-            parsed = parse_marker_name(storage.basename(uri))
-            if parsed is None:
-                continue
-            shard, state = parsed
-            if shard in out and rank[out[shard]["state"]] <= rank[state]:
-                continue
-            try:
-                rec = storage.read_json(uri)
-            except (ValueError, FileNotFoundError):  # vanished or torn by a concurrent writer
-                continue
-            rec["state"] = state
-            out[shard] = rec
-        return out
+        """shard -> marker record with its ``state`` (:func:`pick_records`)."""
+        return pick_records(
+            (storage.basename(u), functools.partial(storage.read_json, u))
+            for u in storage.list_files(self.dir, suffix=".json")
+        )
+
+
+def pick_records(
+    markers: Iterable[tuple[str, Callable[[], dict[str, Any]]]],
+) -> dict[str, dict[str, Any]]:
+    """shard -> its winning marker record with its ``state``, from (file name, reader) pairs:
+    done beats failed beats running (:data:`PRECEDENCE`); a marker that vanished or was torn
+    by a concurrent writer while being read is passed over; other names are ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, read in markers:
+        parsed = parse_marker_name(name)
+        if parsed is None:
+            continue
+        shard, state = parsed
+        if shard in out and PRECEDENCE[out[shard]["state"]] <= PRECEDENCE[state]:
+            continue
+        try:
+            rec = dict(read())
+        except (ValueError, FileNotFoundError):
+            continue
+        rec["state"] = state
+        out[shard] = rec
+    return out
 
 
 def verify_done(
@@ -354,6 +357,26 @@ def verify_done(
     return out
 
 
+def completed_shards(store: MarkerStore, producer: str) -> list[str]:
+    """The planned shards of an upstream stage, all complete (its done markers match their
+    files): what the next stage reads. Raises FileNotFoundError naming the missing stage or
+    the pending shards and the command that makes them (``mofi PRODUCER``)."""
+    plan = store.read_plan()
+    if not plan:
+        raise FileNotFoundError(
+            f"no {store.stage} stage under {store.root}: run `mofi {producer}` first"
+        )
+    checked = verify_done(store, plan["shards"])
+    pending = {s: p for s, p in checked.items() if p is not None}
+    if pending:
+        raise FileNotFoundError(
+            f"{store.stage} is not finished ({len(pending)} of {len(plan['shards'])} shards "
+            f"pending, e.g. {dict(list(pending.items())[:3])}): run `mofi {producer}` first "
+            "(it resumes where it stopped)"
+        )
+    return list(plan["shards"])
+
+
 class ShardBusy(RuntimeError):
     """Another live process holds the shard's claim."""
 
@@ -381,7 +404,7 @@ class ShardRun:
         self.store = store
         self.shard = shard
         self.claim = claim
-        self.stats = ShardStats(host=lease.whoami()["host"])
+        self.stats = ShardStats(host=whoami()["host"])
         self._t0 = 0.0
 
     def __enter__(self) -> ShardRun:

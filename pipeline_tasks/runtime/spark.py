@@ -1,9 +1,11 @@
-"""The Spark launcher: ``spark-submit`` of a job script with a JSON spec, on the configured master.
+"""Spark stages: the launcher and the one stage runner.
 
-Every Spark stage (ner, vocab) runs through :func:`run_spark_job`: the driver writes the
-job's spec, launches ``spark-submit SCRIPT SPEC`` (``local[*]`` by default; ``spark://``,
-``yarn`` or ``k8s://`` for a cluster, where the executors run the project's image) and shows
-a progress bar fed by the stage's done markers, which the executors write.
+Every Spark stage (ner, vocab) runs through :func:`run_spark_stage` (pending shards, submit,
+failed shards: the same contract as the local executor's), which submits with
+:func:`run_spark_job`: the driver writes the job's spec, launches ``spark-submit SCRIPT
+SPEC`` (``local[*]`` by default; ``spark://``, ``yarn`` or ``k8s://`` for a cluster, where the
+executors run the project's image) and shows a progress bar fed by the stage's done markers,
+which the executors write.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from training.core import config as cfg
-from training.core.lease import die_with_parent
+from training.core import tempfiles
+from training.core.process import die_with_parent
 
 from . import markers
+from .executor import ShardTask, StageResult, collect_failures, pending_tasks
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +167,57 @@ def run_spark_job(
                     st.mark_failed(sid, error, markers.ShardStats())
         raise RuntimeError(f"{error}\n{tail}")
     shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def run_spark_stage(
+    script: str,
+    sc: SparkConfig,
+    name: str,
+    stores: list[tuple[markers.MarkerStore, list[ShardTask]]],
+    make_spec: Callable[[list[list[ShardTask]]], dict[str, Any]],
+    result: StageResult,
+    work_dir: str,
+    progress: bool = True,
+    whole: bool = False,
+) -> StageResult:
+    """The one lifecycle of a Spark stage (ner, vocab), whose plan the caller has written:
+
+    1. pending shards: those without a done marker that matches their files, per store (the
+       first store's shards drive the progress bar; a stage may write several, like vocab's
+       vocabulary and labels); ``whole``: the job computes every shard at once, so any pending
+       shard withdraws every done marker and the job redoes them all;
+    2. submit: ``spark-submit SCRIPT`` with ``make_spec(pending shards per store)``, after the
+       temporary files of dead writers are cleaned from each store's folder;
+    3. failed shards: every shard still not done is failed, with its marker's error, in
+       ``result`` (``executor.collect_failures``). A job that dies raises after marking the
+       shards it did not finish."""
+    todos = [pending_tasks(store, tasks, result) for store, tasks in stores]
+    if whole and any(todos):
+        for store, tasks in stores:
+            for t in tasks:
+                store.unmark_done(t.shard)
+        todos = [list(tasks) for _, tasks in stores]
+    t0 = time.time()
+    if any(todos):
+        for store, _ in stores:
+            tempfiles.clean_temp(store.root)
+        (first, _), *rest = stores
+        run_spark_job(
+            script,
+            make_spec(todos),
+            sc,
+            name,
+            first,
+            [t.shard for t in todos[0]],
+            progress,
+            work_dir,
+            extra_stores=[
+                (store, [t.shard for t in todo])
+                for (store, _), todo in zip(rest, todos[1:], strict=True)
+            ],
+        )
+    result.processed = len(todos[0])
+    result.seconds = round(time.time() - t0, 2)
+    for store, tasks in stores:
+        collect_failures(store, [t.shard for t in tasks], result)
+    return result

@@ -6,7 +6,7 @@ summarises each: shards done, failed, running, stale and pending; samples in and
 by reason; throughput and an ETA. What status reports is checked, not trusted:
 
 * a running marker whose process is gone (same host) or whose heartbeat went silent is
-  counted as **stale**, not running (``training.core.lease.liveness``);
+  counted as **stale**, not running (``training.core.process.liveness``);
 * a done marker whose outputs are missing or have another size than it recorded is counted
   as **invalid**: the stage is not complete, and the next run of the stage redoes the shard.
 
@@ -17,6 +17,7 @@ dashboard polling a root with tens of thousands of markers re-reads only what ch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -24,23 +25,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from training.core import lease, storage
+from training.core import storage
+from training.core.done_check import outputs_problem
+from training.core.process import describe, liveness
+from training.core.tempfiles import is_temp_name
 
 from . import markers
+from .layout import MARKER_STORES
 
-# pipeline order for display; unknown stages go last, alphabetically
-STAGE_ORDER = [
-    "pictures",
-    "corpus",
-    "kb",
-    "ner",
-    "score",
-    "vocab",
-    "labels",
-    "write",
-    "train",
-    "eval",
-]
 MAX_DEPTH = 6
 SKIP_DIRS = {"_embedding_cache", "_work", "tb", "checkpoints", "scorer"}
 
@@ -62,7 +54,7 @@ class MarkerReader:
             with os.scandir(prefix) as it:
                 out = []
                 for e in it:
-                    if storage.TEMP_MARK in e.name or not e.is_file():
+                    if is_temp_name(e.name) or not e.is_file():
                         continue
                     st = e.stat()
                     out.append((e.path, (st.st_mtime_ns, st.st_size), st.st_size))
@@ -81,7 +73,7 @@ class MarkerReader:
         objs = [
             (f"s3://{bucket}/{o['Key']}", o.get("ETag"), int(o["Size"]))
             for o in storage._s3_list(bucket, kp, recursive, prefix)
-            if not storage.is_temp_name(o["Key"])
+            if not is_temp_name(o["Key"])
         ]
         with self._lock:
             self._s3_lists[key] = (now, objs)
@@ -99,33 +91,21 @@ class MarkerReader:
 
     # -- markers of one stage
     def stage_records(self, store: markers.MarkerStore) -> tuple[dict | None, dict[str, dict]]:
-        """(plan, shard -> record with its state); done beats failed beats running."""
-        rank = {"done": 0, "failed": 1, "running": 2}
+        """(plan, shard -> winning record with its state: ``markers.pick_records``)."""
         plan = None
-        out: dict[str, dict[str, Any]] = {}
         listing = self.list_dir(store.dir)
         self._forget_missing(store.dir, {u for u, _, _ in listing})
         for uri, version, _ in listing:
-            name = uri.rsplit("/", 1)[-1]
-            if name == "_plan.json":
+            if uri.rsplit("/", 1)[-1] == "_plan.json":
                 try:
                     plan = self.read_json(uri, version)
                 except (FileNotFoundError, ValueError):
                     pass
-                continue
-            parsed = markers.parse_marker_name(name)
-            if parsed is None:
-                continue
-            shard, state = parsed
-            if shard in out and rank[out[shard]["state"]] <= rank[state]:
-                continue
-            try:
-                rec = dict(self.read_json(uri, version))
-            except (FileNotFoundError, ValueError):  # vanished or torn by a concurrent writer
-                continue
-            rec["state"] = state
-            out[shard] = rec
-        return plan, out
+        recs = markers.pick_records(
+            (uri.rsplit("/", 1)[-1], functools.partial(self.read_json, uri, version))
+            for uri, version, _ in listing
+        )
+        return plan, recs
 
     def _forget_missing(self, folder: str, present: set[str]) -> None:
         """Drop cached documents of ``folder`` that its latest listing no longer has (a
@@ -169,26 +149,21 @@ def _verify_done(
     reader: MarkerReader, root: str, recs: dict[str, dict[str, Any]]
 ) -> dict[str, str]:
     """shard -> problem for done markers whose outputs are not as recorded (one listing per
-    output folder)."""
+    output folder; ``done_check.outputs_problem``)."""
     sizes: dict[str, int] = {}
     listed: set[str] = set()
     bad = {}
     for shard, rec in recs.items():
         if rec["state"] != "done":
             continue
-        for name, want in rec.get("stats", {}).get("outputs", {}).items():
-            uri = markers.output_uri(root, name)
-            folder = uri.rsplit("/", 1)[0]
+        outputs = rec.get("stats", {}).get("outputs", {})
+        for folder in {markers.output_uri(root, n).rsplit("/", 1)[0] for n in outputs}:
             if folder not in listed:
                 listed.add(folder)
                 sizes.update({u: n for u, _, n in reader.list_dir(folder)})
-            got = sizes.get(uri)
-            if got is None:
-                bad[shard] = f"{name} is missing"
-                break
-            if got != want.get("size"):
-                bad[shard] = f"{name} has {got} bytes, its done marker recorded {want.get('size')}"
-                break
+        problem = outputs_problem(root, outputs, sizes, size_of=None)
+        if problem:
+            bad[shard] = problem
     return bad
 
 
@@ -212,7 +187,7 @@ def summarize_stage(
     for shard, rec in recs.items():
         state = rec["state"]
         if state == "running":
-            alive = lease.liveness(rec, now)
+            alive = liveness(rec, now)
             if alive == "live":
                 counts["running"] += 1
                 running[shard] = {
@@ -221,7 +196,7 @@ def summarize_stage(
             else:
                 counts["stale"] += 1
                 how = "process gone" if alive == "dead" else "no heartbeat"
-                stale[shard] = f"{how} ({lease.describe(rec)})"
+                stale[shard] = f"{how} ({describe(rec)})"
             continue
         if state == "done" and shard in invalid:
             counts["invalid"] += 1
@@ -294,7 +269,8 @@ def summarize_stage(
 
 
 def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict[str, Any]]:
-    """Every stage under ``run_uri`` (any depth), in pipeline order."""
+    """Every stage under ``run_uri`` (any depth), in pipeline order (``layout.STAGES``; a
+    stage the pipeline does not know, such as the demo's, after them alphabetically)."""
     reader = reader or READER
     if not storage.is_s3(run_uri) and not os.path.exists(run_uri):
         raise FileNotFoundError(f"run not found: {run_uri}")
@@ -305,8 +281,16 @@ def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict
             s = summarize_stage(root, stage, now, reader)
             s["where"] = label
             out.append(s)
-    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
-    return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), s["stage"], s["where"]))
+    return sorted(out, key=display_order)
+
+
+_RANK = {name: i for i, name in enumerate(MARKER_STORES)}
+
+
+def display_order(summary: dict[str, Any]) -> tuple:
+    """Sort key of a stage summary: pipeline order (``layout.STAGES``), then a stage the
+    pipeline does not know alphabetically, then where it is."""
+    return (_RANK.get(summary["stage"], len(_RANK)), summary["stage"], summary["where"])
 
 
 def stages(reader: MarkerReader, root: str) -> list[str]:

@@ -34,9 +34,10 @@ def main() -> int:
     )
     ap.add_argument("--master", default="local[*]")
     args = ap.parse_args()
-    from pipeline_tasks.kb import load_kb
-    from pipeline_tasks.linking import EntityLinker, LinkerConfig, load_spacy
-    from pipeline_tasks.ner import NerConfig, SparkConfig, run_ner
+    from pipeline_tasks.runtime.spark import SparkConfig
+    from pipeline_tasks.stages.kb.stage import load_kb
+    from pipeline_tasks.stages.ner.linking import EntityLinker, LinkerConfig, load_spacy
+    from pipeline_tasks.stages.ner.stage import NerConfig, run_ner
 
     caps = []
     for f in sorted(glob.glob(os.path.join(args.raw, "0*.parquet"))):

@@ -32,7 +32,7 @@ GIB = 1024**3
 
 
 def _subset(raw: str, run: str, n: int, work: str) -> tuple[str, str]:
-    from pipeline_tasks import raw as raw_mod
+    from pipeline_tasks.runtime import raw as raw_mod
 
     shards, _ = raw_mod.discover(raw)
     shards = shards[:n]
@@ -58,9 +58,9 @@ def synthesize_mentions(raw: str, truth: str, run: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline_tasks import raw as raw_mod
-    from pipeline_tasks.linking import MENTION_TYPE
     from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime import raw as raw_mod
+    from pipeline_tasks.stages.ner.linking import MENTION_TYPE
 
     shards, _ = raw_mod.discover(raw)
     store = markers.MarkerStore(os.path.join(run, "ner"), "ner")
@@ -93,19 +93,22 @@ def synthesize_mentions(raw: str, truth: str, run: str) -> None:
 
 
 def main() -> int:
+    from pipeline_tasks.cli.common import Overrides
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--raw", required=True)
     ap.add_argument("--run", required=True, help="run root with finished ner output for RAW")
     ap.add_argument("--kb", required=True)
     ap.add_argument("--config", default="demo")
-    ap.add_argument("--backend", default=None)
-    ap.add_argument(
-        "--model", default=None, help="checkpoint (default: RUN/scorer/packaged.pt for packaged)"
+    ov = Overrides(ap)  # the CLI's own flags for the score config, and --set
+    ov.flag("--backend", "score.backend")
+    ov.flag(
+        "--model", "score.model", help="checkpoint (default: RUN/scorer/packaged.pt for packaged)"
     )
-    ap.add_argument("--devices", default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--loader-workers", type=int, default=None)
-    ap.add_argument("--decode", choices=["auto", "processes", "threads"], default=None)
+    ov.flag("--devices", "score.devices")
+    ov.flag("--batch-size", "score.batch_size", type=int)
+    ov.flag("--loader-workers", "score.loader_workers", type=int)
+    ov.flag("--decode", "score.decode", choices=["auto", "processes", "threads"])
     ap.add_argument("--shards", default="2,20", help="the two shard counts compared for memory")
     ap.add_argument(
         "--reference-every",
@@ -128,27 +131,16 @@ def main() -> int:
         synthesize_mentions(args.raw, args.mentions_from_truth, args.run)
     import torch
 
-    from pipeline_tasks import recipes, scoring
+    from pipeline_tasks.cli.common import pipeline_config
     from pipeline_tasks.runtime.layout import RunLayout
+    from pipeline_tasks.stages.score import backends as scoring
+    from pipeline_tasks.stages.score.worker import resolve_devices
     from training.core.device import pick_device, tune_heap
 
-    c = recipes.get(args.config).score
-    ch = {
-        k: v
-        for k, v in (
-            ("backend", args.backend),
-            ("model", args.model),
-            ("devices", args.devices),
-            ("batch_size", args.batch_size),
-            ("loader_workers", args.loader_workers),
-            ("decode", args.decode),
-        )
-        if v is not None
-    }
-    c = c.replace(**ch)
+    c = pipeline_config(args).score
     if c.backend == "packaged" and not c.model:
         c = c.replace(model=RunLayout(args.run).scorer_checkpoint)
-    device = pick_device(scoring.resolve_devices(c.devices)[0])
+    device = pick_device(resolve_devices(c.devices)[0])
     # the reference runs with the worker's own settings: threads and heap thresholds
     tune_heap(c.heap_mmap_threshold_mb << 20, c.heap_trim_threshold_mb << 20)
     torch.set_num_threads(c.torch_threads or os.cpu_count() or 1)
@@ -188,9 +180,8 @@ def main() -> int:
                 "--batch-size",
                 str(c.batch_size),
             ]
-            if args.devices:
-                cmd += ["--devices", args.devices]
-            cmd += ["--decode", c.decode, "--loader-workers", str(c.loader_workers)]
+            cmd += ["--devices", c.devices, "--decode", c.decode]
+            cmd += ["--loader-workers", str(c.loader_workers)]
             cmd += ["--reference-every", str(args.reference_every)]
             out_path = os.path.join(work, f"out{n}.txt")
             with open(out_path, "w") as out:

@@ -40,7 +40,8 @@ def say(msg: str) -> None:
 
 
 def score(run_root: str, raw: str, kb: str, shards: list[str], a, decode: str, only=None) -> dict:
-    from pipeline_tasks import recipes, scoring
+    from pipeline_tasks import recipes
+    from pipeline_tasks.stages.score import stage as score_stage
 
     c = recipes.get("production").score.replace(
         model=a.model,
@@ -51,7 +52,7 @@ def score(run_root: str, raw: str, kb: str, shards: list[str], a, decode: str, o
         loader_workers=a.loaders if decode == "processes" else 0,
     )
     t0 = time.time()
-    res = scoring.run_score(
+    res = score_stage.run_score(
         c, raw, run_root, kb, progress=False, reference_every=2, only=only
     ).to_dict()
     res["wall_s"] = round(time.time() - t0, 2)
@@ -143,8 +144,8 @@ def main() -> int:
 
     base = os.path.join(a.work, "base")
     synthesize_mentions(raw, os.path.join(a.work, "truth"), base)
-    from pipeline_tasks.ner import planned_raw_shards
     from pipeline_tasks.runtime.layout import RunLayout
+    from pipeline_tasks.stages.ner.stage import planned_raw_shards
 
     shards = [s.shard for s in planned_raw_shards(RunLayout(base))[0]]
 

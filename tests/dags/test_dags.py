@@ -11,19 +11,55 @@ import sys
 
 import pytest
 
+from pipeline_tasks.demo.layout import DAG_FOLDER as DEMO_DAG_FOLDER
+
 DAGS_DIR = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
+DEMO_DAGS_DIR = DEMO_DAG_FOLDER  # the demo's DAG: a bundle of its own, beside dags/
+ALL_DAG_DIRS = (DAGS_DIR, DEMO_DAGS_DIR)
 
 
 @pytest.fixture(scope="module")
 def dagbag():
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=DAGS_DIR)
+    bags = [DagBag(dag_folder=d) for d in ALL_DAG_DIRS]
+    bags[0].import_errors.update(bags[1].import_errors)
+    bags[0].dags.update(bags[1].dags)
+    return bags[0]
 
 
 def test_dags_import_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert "mofi_corpus" in dagbag.dags
+    assert {"mofi_build_i2e", "mofi_train", "mofi_corpus"} <= set(dagbag.dags)
+
+
+def test_the_production_dags_know_no_demo():
+    """dags/ holds the production DAGs only; their params default to no demo folder and
+    list the named configs the recipes define."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipeline_tasks import recipes
+    from training import recipes as train_recipes
+
+    bag = DagBag(dag_folder=DAGS_DIR)
+    assert set(bag.dags) == {"mofi_build_i2e", "mofi_train"}
+    for name in os.listdir(DAGS_DIR):
+        if name.endswith(".py"):
+            assert "runs/demo" not in open(os.path.join(DAGS_DIR, name)).read(), name
+    build, train = bag.dags["mofi_build_i2e"], bag.dags["mofi_train"]
+    assert build.params.get_param("config").schema["enum"] == list(recipes.RECIPES)
+    assert train.params.get_param("config").schema["enum"] == list(train_recipes.RECIPES)
+
+
+def test_the_build_dag_chains_the_stages_in_the_pipeline_order(dagbag):
+    """The DAG's task order is runtime.layout.BUILD_STAGES, the list build-i2e runs."""
+    from pipeline_tasks.runtime.layout import BUILD_STAGES
+
+    dag = dagbag.dags["mofi_build_i2e"]
+    first = {"ner": "ner", "score": "prepare_score", "vocab": "vocab", "write": "write"}
+    order = [first[s] for s in BUILD_STAGES]
+    for a, b in zip(order, order[1:], strict=False):
+        assert b in {t.task_id for t in dag.get_task(a).get_flat_relatives(upstream=False)}, (a, b)
 
 
 def test_dags_are_tagged_documented_and_unscheduled_by_default(dagbag):
@@ -38,10 +74,10 @@ def test_dag_files_do_no_work_at_import():
     included (STYLE.md, item 1). Reading an environment variable (a deployment setting) is
     allowed: it does no I/O."""
     banned = {"open", "now", "utcnow", "today", "read_text", "listdir", "exists", "scandir"}
-    for name in os.listdir(DAGS_DIR):
+    for name in [os.path.join(d, f) for d in ALL_DAG_DIRS for f in os.listdir(d)]:
         if not name.endswith(".py"):
             continue
-        source = open(os.path.join(DAGS_DIR, name)).read()
+        source = open(name).read()
         tree = ast.parse(source)
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -91,10 +127,11 @@ def test_params_are_validated_by_their_schema(dagbag):
             params[k] = v  # a Param checks its value against its schema here ...
         params.validate()  # ... and every value is checked again here
 
-    check({"config": "cpu_test", "threshold": 0.3})
+    good = {"root": "/r", "raw": "/raw", "kb": "/kb", "config": "cpu_test", "threshold": 0.3}
+    check(good)
     for bad in ({"config": "nope"}, {"threshold": 1.5}, {"score_batch_shards": 0}, {"root": ""}):
         with pytest.raises(ParamValidationError):
-            check(bad)
+            check({**good, **bad})
 
 
 def test_map_sizes_stay_within_airflow_bounds(tmp_path):
@@ -172,7 +209,7 @@ def migrated_db():
 def test_corpus_dag_runs_end_to_end(tmp_path, picture_folder, migrated_db):
     from airflow.dag_processing.dagbag import DagBag
 
-    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_corpus"]
+    dag = DagBag(dag_folder=DEMO_DAGS_DIR).dags["mofi_corpus"]
     root = tmp_path / "af"
     run = dag.test(
         run_conf={
@@ -264,5 +301,10 @@ def test_train_dag_trains_evaluates_and_posts(tmp_path, migrated_db):
     assert run.state == "success"
     (run_dir,) = os.listdir(tmp_path / "train")
     assert os.path.exists(tmp_path / "train" / run_dir / "model.pt")
+    # no validation folder, no baseline asked for: those tasks are skipped by Airflow itself
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["train"] == states["evaluate"] == "success"
+    assert states["wise_ft"] == states["evaluate_wise"] == "skipped"
+    assert states["evaluate_baseline"] == "skipped"
     rows = read_results(db)
     assert len(rows) == 1 and 0 < rows[0]["metrics"]["map"] <= 1

@@ -8,7 +8,7 @@ import pytest
 from pipeline_tasks import recipes
 from pipeline_tasks.demo import recipes as demo_recipes
 from pipeline_tasks.demo.corpus import CorpusConfig
-from pipeline_tasks.kb import KBConfig
+from pipeline_tasks.stages.kb.stage import KBConfig
 from training.core.config import ConfigError
 
 

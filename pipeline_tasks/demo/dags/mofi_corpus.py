@@ -1,4 +1,6 @@
-"""Build the knowledge base and the demo corpus for one version, then report shard status.
+"""The demo's input as a DAG: the knowledge base and the demo corpus for one version, then
+shard status. A user of the system, not part of it: it lives with the demo, and the local
+Airflow of `make demo` loads it as a second DAG bundle beside ``dags/``.
 
 Wiring only: each task launches the `mofi` command in its own process, so no heavy
 compute runs inside the Airflow worker. Outputs are partitioned by the run's logical date:
@@ -14,11 +16,12 @@ import sys
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from pipeline_tasks.demo import recipes
 from pipeline_tasks.orchestration import dag_tasks
 
 # The interpreter that parses this file is the project's virtualenv (or the image's).
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
-VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
+VERSION_ROOT = "{{ build_version(params, dag_run).root }}"
 
 
 @dag(
@@ -28,6 +31,7 @@ VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
     catchup=False,
     max_active_runs=1,
     default_args=dag_tasks.default_args(owner="mofi-data", hours=6),
+    user_defined_macros={"build_version": dag_tasks.build_version},
     tags=["mofi", "data"],
     params={
         "root": Param(
@@ -37,7 +41,7 @@ VERSION_ROOT = "{{ params.root }}/v={{ ds }}"
         ),
         "config": Param(
             "demo",
-            enum=["cpu_test", "demo", "production"],
+            enum=list(recipes.RECIPES),
             description="named config (mofi config list)",
         ),
         "pairs": Param(

@@ -1,4 +1,4 @@
-"""spark-submit entry point of `mofi ner` (see pipeline_tasks/ner.py). Usage: ner_job.py SPEC.json
+"""spark-submit entry point of `mofi ner` (see ``stage``). Usage: job.py SPEC.json
 
 One row per raw shard is spread over the executors; ``mapInPandas`` reads each shard's
 captions through the storage API (local or s3://, no Hadoop S3 connector needed), runs the
@@ -30,8 +30,8 @@ _LINKER = {}  # per Python worker: (kb_uri, config json) -> EntityLinker
 def _linker(spec: dict):
     key = (spec["kb_uri"], json.dumps(spec["config"]["linker"], sort_keys=True))
     if key not in _LINKER:
-        from pipeline_tasks.kb import load_kb
-        from pipeline_tasks.linking import EntityLinker, LinkerConfig
+        from pipeline_tasks.stages.kb.stage import load_kb
+        from pipeline_tasks.stages.ner.linking import EntityLinker, LinkerConfig
 
         _LINKER.clear()
         _LINKER[key] = EntityLinker(
@@ -56,8 +56,36 @@ def _read_captions(parquet_uri: str) -> pd.DataFrame:
         return pf.read(columns=["key", "caption"]).to_pandas()
 
 
+def _shard_rows(spec: dict, shard: str, parquet_uri: str, t0: float) -> list[dict]:
+    """One row per caption of a shard: its status (ok, a drop reason, or a counted
+    truncation) and, when linked, its mentions."""
+    from pipeline_tasks.stages.ner.linking import clean_caption
+
+    def row(key, status, mentions=None) -> dict:
+        return {"shard": shard, "key": key, "status": status, "t_start": t0, "mentions": mentions}
+
+    linker = _linker(spec)
+    df = _read_captions(parquet_uri)
+    keys, texts, rows = [], [], []
+    for key, cap in zip(df["key"], df["caption"], strict=True):
+        text, reason, truncated = clean_caption(cap, linker.config.max_caption_chars)
+        if key is None or str(key) == "":
+            rows.append(row(None, "key_missing"))
+            continue
+        if reason:
+            rows.append(row(str(key), reason))
+            continue
+        if truncated:
+            rows.append(row(None, "caption_truncated"))
+        keys.append(str(key))
+        texts.append(text)
+    for key, mentions in zip(keys, linker.link_texts(texts), strict=True):
+        linked = any(m["entity_id"] for m in mentions)
+        rows.append(row(key, "ok" if linked else "no_linked_mention", mentions if linked else None))
+    return rows
+
+
 def ner_partition(spec: dict, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    from pipeline_tasks.linking import clean_caption
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import NER, RunLayout
 
@@ -74,58 +102,7 @@ def ner_partition(spec: dict, batches: Iterator[pd.DataFrame]) -> Iterator[pd.Da
                 "mentions": None,
             }
             try:
-                linker = _linker(spec)
-                df = _read_captions(parquet_uri)
-                max_chars = linker.config.max_caption_chars
-                keys, texts, rows = [], [], []
-                for key, cap in zip(df["key"], df["caption"], strict=True):
-                    text, reason, truncated = clean_caption(cap, max_chars)
-                    if key is None or str(key) == "":
-                        rows.append(
-                            {
-                                "shard": shard,
-                                "key": None,
-                                "status": "key_missing",
-                                "t_start": t0,
-                                "mentions": None,
-                            }
-                        )
-                        continue
-                    if reason:
-                        rows.append(
-                            {
-                                "shard": shard,
-                                "key": str(key),
-                                "status": reason,
-                                "t_start": t0,
-                                "mentions": None,
-                            }
-                        )
-                        continue
-                    if truncated:
-                        rows.append(
-                            {
-                                "shard": shard,
-                                "key": None,
-                                "status": "caption_truncated",
-                                "t_start": t0,
-                                "mentions": None,
-                            }
-                        )
-                    keys.append(str(key))
-                    texts.append(text)
-                for key, mentions in zip(keys, linker.link_texts(texts), strict=True):
-                    linked = any(m["entity_id"] for m in mentions)
-                    rows.append(
-                        {
-                            "shard": shard,
-                            "key": key,
-                            "status": "ok" if linked else "no_linked_mention",
-                            "t_start": t0,
-                            "mentions": mentions if linked else None,
-                        }
-                    )
-                yield pd.DataFrame([sentinel] + rows)
+                yield pd.DataFrame([sentinel] + _shard_rows(spec, shard, parquet_uri, t0))
             except Exception as exc:  # the shard fails alone; the others go on
                 st = markers.ShardStats(
                     started_at=t0, finished_at=time.time(), duration_s=time.time() - t0
@@ -138,10 +115,11 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline_tasks.linking import MENTION_TYPE
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import NER, RunLayout
+    from pipeline_tasks.stages.ner.linking import MENTION_TYPE
     from training.core import storage
+    from training.core.process import whoami
 
     shard = str(pdf["shard"].iloc[0])
     if (pdf["status"] == FAILED).any():
@@ -158,9 +136,7 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
             ]
         )
     store = RunLayout(spec["run_uri"]).store(NER)
-    import socket
-
-    st = markers.ShardStats(host=socket.gethostname())
+    st = markers.ShardStats(host=whoami()["host"])
     st.started_at = float(pdf["t_start"].min())
     rows = pdf[pdf["status"] != SENTINEL]
     for status, n in rows["status"].value_counts().items():

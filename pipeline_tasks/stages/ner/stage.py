@@ -1,8 +1,8 @@
 """`mofi ner`: the Spark job that finds and links entity mentions in raw captions.
 
-The driver (this module, run by the CLI or an Airflow task) discovers the raw shards, skips
-those whose done marker exists and launches ``spark_jobs/ner_job.py`` through the Spark
-launcher (``runtime.spark``).
+The driver (this module, run by the CLI or an Airflow task) discovers the raw shards, plans
+the stage and hands it to the Spark stage runner (``runtime.spark.run_spark_stage``), which
+skips the shards whose done marker matches their files and submits ``job.py`` for the rest.
 
 Output: ``RUN/ner/{shard}.parquet`` with ``key`` and ``mentions`` (text, label, start, end,
 entity_id, link_score), only rows with at least one linked mention; markers in
@@ -16,22 +16,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import pyarrow.parquet as pq
 
 from training.core import config as cfg
 from training.core import storage
 
-from . import raw as raw_mod
+from ...runtime import raw as raw_mod
+from ...runtime.executor import ShardTask, StageResult, stage_lease
+from ...runtime.layout import NER, RunLayout
+from ...runtime.spark import SparkConfig, run_spark_stage
 from .linking import LinkerConfig
-from .runtime.executor import ShardTask, StageResult, pending_tasks, stage_lease
-from .runtime.layout import NER, RunLayout
-from .runtime.spark import SparkConfig, run_spark_job
 
 log = logging.getLogger(__name__)
 STAGE = NER
-JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spark_jobs", "ner_job.py")
+JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.py")
 
 
 @dataclasses.dataclass
@@ -45,7 +44,7 @@ class NerConfig(cfg.StageConfig):
 def run_ner(
     config: NerConfig, raw_uri: str, kb_uri: str, run_uri: str, progress: bool = True
 ) -> StageResult:
-    from .kb import load_kb
+    from ..kb.stage import load_kb
 
     load_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
     shards, problems = raw_mod.discover(raw_uri)
@@ -69,36 +68,27 @@ def _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress)
     )
     config.save(out)
     result = StageResult(stage=STAGE, out=out, shards=len(shards), skipped_shards=problems)
-    todo = pending_tasks(
-        store, [ShardTask(s.shard, 1, {"parquet": s.parquet}) for s in shards], result
-    )
-    t0 = time.time()
-    if todo:
-        spec = {
+
+    def spec(todo: list[list[ShardTask]]) -> dict:
+        return {
             "kb_uri": kb_uri,
             "run_uri": layout.root,
-            "shards": [[t.shard, t.data["parquet"]] for t in todo],
+            "shards": [[t.shard, t.data["parquet"]] for t in todo[0]],
             "config": config.to_dict(),
             "partitions": config.spark.partitions,
         }
-        storage.clean_temp(out)
-        run_spark_job(
-            JOB_SCRIPT,
-            spec,
-            config.spark,
-            STAGE,
-            store,
-            [t.shard for t in todo],
-            progress,
-            layout.local_work_dir(),
-        )
-    recs = store.read_all()
-    result.processed = len(todo)
-    result.seconds = round(time.time() - t0, 2)
-    for s in shards:
-        if recs.get(s.shard, {}).get("state") != "done":
-            result.failed[s.shard] = recs.get(s.shard, {}).get("error") or "not finished"
-    return result
+
+    tasks = [ShardTask(s.shard, 1, {"parquet": s.parquet}) for s in shards]
+    return run_spark_stage(
+        JOB_SCRIPT,
+        config.spark,
+        STAGE,
+        [(store, tasks)],
+        spec,
+        result,
+        layout.local_work_dir(),
+        progress,
+    )
 
 
 def planned_raw_shards(

@@ -2,37 +2,13 @@
 
 One job per module:
 
-* ``config``: :class:`ScoreConfig`;
+* ``config``: :class:`ScoreConfig` and the scorer bootstrap's :class:`BootstrapConfig`;
+* ``prompts``: the texts every entity is scored (and the scorer bootstrapped) against;
+* ``bootstrap``: trains the packaged scorer's heads on the corpus (LiT), when it is missing;
 * ``backends``: the scorers behind one interface (open_clip, packaged, mofi);
 * ``embeddings``: entity text embeddings, once per entity and scorer, cached on storage;
 * ``images``: the image stream (raw tars -> uint8 batches with candidates);
+* ``device_decode``: JPEG batches decoded on the GPU;
 * ``worker``: the per-device worker (a ``runtime`` shard stage);
 * ``stage``: the driver (`mofi score`) and the one scorer-bootstrap rule.
 """
-
-from .backends import (
-    ScorerBackend,
-    bare_forward_rate,
-    build_backend,
-    checkpoint_uri,
-    reference_batch,
-)
-from .config import BACKENDS, ScoreConfig
-from .stage import ensure_scorer, needs_bootstrap, run_score
-from .worker import SCORE_SCHEMA, decode_plan, resolve_devices
-
-__all__ = [
-    "BACKENDS",
-    "SCORE_SCHEMA",
-    "ScoreConfig",
-    "ScorerBackend",
-    "bare_forward_rate",
-    "build_backend",
-    "checkpoint_uri",
-    "decode_plan",
-    "ensure_scorer",
-    "needs_bootstrap",
-    "reference_batch",
-    "resolve_devices",
-    "run_score",
-]

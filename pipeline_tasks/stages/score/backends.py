@@ -7,7 +7,9 @@
 * ``mofi``: a checkpoint from our own training (or any dual-encoder checkpoint of ours), so a
   trained model can filter the next rebuild.
 
-Every backend has a ``fingerprint`` naming its weights, which keys the entity-embedding cache.
+Each is loaded by ``training.encoders.load_encoder`` (the one loader, shared with
+evaluation). Every backend has a ``fingerprint`` naming its weights, which keys the
+entity-embedding cache.
 """
 
 from __future__ import annotations
@@ -17,42 +19,49 @@ import time
 from training.core import config as cfg
 from training.core import storage
 
-from ..runtime.layout import RunLayout
+from ...runtime.layout import RunLayout
 from .config import ScoreConfig
 
 
 class ScorerBackend:
-    """setup() loads the model once; encode_* return L2-normalised float32 CPU tensors."""
+    """A scorer (``training.encoders.Encoder``) with scoring's numerics around it: images are
+    normalised on the device (channels-last on CPU for a dual encoder's image tower), the
+    model runs under autocast, and embeddings come back L2-normalised in float32 on the CPU."""
 
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    fingerprint: str
-    channels_last = False
+    def __init__(self, encoder, device, dtype):
+        import torch
 
-    def __init__(self, device, dtype):
+        self.encoder = encoder
         self.device = device
         self.dtype = dtype
-
-    def _images(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _texts(self, texts: list[str]):  # pragma: no cover - abstract
-        raise NotImplementedError
+        self.image_size = encoder.image_size
+        self.mean, self.std = encoder.mean, encoder.std
+        self.fingerprint = encoder.fingerprint
+        self.channels_last = encoder.kind == "mofi" and device.type == "cpu"
+        if self.channels_last:
+            encoder.model.image_tower.to(memory_format=torch.channels_last)
 
     def encode_images(self, batch_u8, on_device: bool = False, with_visual: bool = False):
         """L2-normalised image embeddings; ``with_visual``: also the features the vocab stage
-        measures visual coherence with (:meth:`_images_and_visual`)."""
+        measures visual coherence with: a dual encoder's image tower (a pretrained backbone's
+        view of what the picture looks like, sharper than a head trained on a small corpus),
+        else the embedding itself."""
         import torch
 
         from training.core.device import autocast
         from training.transforms import normalize
 
+        enc = self.encoder
         x = normalize(
             batch_u8, self.mean, self.std, device=self.device, channels_last=self.channels_last
         )
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            f, v = self._images_and_visual(x) if with_visual else (self._images(x), None)
+            if not with_visual:
+                f, v = enc.encode_image(x), None
+            elif enc.image_and_visual is not None:
+                f, v = enc.image_and_visual(x)
+            else:
+                f = v = enc.encode_image(x)
         f = torch.nn.functional.normalize(f.float(), dim=-1)
         f = f if on_device else f.cpu()
         if not with_visual:
@@ -60,67 +69,14 @@ class ScorerBackend:
         v = v.float()
         return f, v if on_device else v.cpu()
 
-    def _images_and_visual(self, x):
-        """(embedding, visual features): by default the embedding serves as both."""
-        f = self._images(x)
-        return f, f
-
     def encode_texts(self, texts: list[str]):
         import torch
 
         from training.core.device import autocast
 
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            f = self._texts(texts)
+            f = self.encoder.encode_text(texts)
         return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
-
-
-class DualEncoderBackend(ScorerBackend):
-    def __init__(self, uri: str, device, dtype):
-        import torch
-
-        super().__init__(device, dtype)
-        from training.model import load_dual_encoder
-
-        self.model = load_dual_encoder(uri).to(device).eval()
-        self.image_size = self.model.image_size
-        self.mean, self.std = self.model.image_mean, self.model.image_std
-        self.channels_last = device.type == "cpu"
-        if self.channels_last:
-            self.model.image_tower.to(memory_format=torch.channels_last)
-        self.fingerprint = storage.fingerprint(uri)
-
-    def _images(self, x):
-        return self.model.encode_image(x)
-
-    def _images_and_visual(self, x):
-        """The image tower's features are the visual features: a pretrained backbone's view of
-        what the picture looks like, sharper than a head trained on a small corpus."""
-        tower = self.model.image_features(x)
-        return self.model.project_image(tower), tower
-
-    def _texts(self, texts):
-        toks = {k: v.to(self.device) for k, v in self.model.tokenize(texts).items()}
-        return self.model.encode_text(toks)
-
-
-class OpenClipBackend(ScorerBackend):
-    def __init__(self, spec: str, device, dtype):
-        super().__init__(device, dtype)
-        from training.openclip import load_open_clip
-
-        # a random-init model (tests, benchmarks) is the same in every process and every run
-        oc = load_open_clip(spec, init_seed=0)
-        self.model = oc.model.to(device).eval()
-        self.tokenizer = oc.tokenizer
-        self.image_size, self.mean, self.std = oc.image_size, oc.mean, oc.std
-        self.fingerprint = oc.fingerprint()
-
-    def _images(self, x):
-        return self.model.encode_image(x)
-
-    def _texts(self, texts):
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
 def checkpoint_uri(c: ScoreConfig, run_uri: str) -> str:
@@ -146,13 +102,21 @@ def require_checkpoint(c: ScoreConfig, run_uri: str) -> str:
     return uri
 
 
+def scorer_spec(c: ScoreConfig, run_uri: str) -> str:
+    """The ``training.encoders`` spec of the configured scorer."""
+    from training.encoders import open_clip_spec
+
+    if c.backend == "open_clip":
+        return open_clip_spec(c.model)
+    return require_checkpoint(c, run_uri)
+
+
 def build_backend(c: ScoreConfig, run_uri: str, device) -> ScorerBackend:
     from training.core.device import resolve_precision
+    from training.encoders import load_encoder
 
     dtype = resolve_precision(c.precision, device)
-    if c.backend == "open_clip":
-        return OpenClipBackend(c.model, device, dtype)
-    return DualEncoderBackend(require_checkpoint(c, run_uri), device, dtype)
+    return ScorerBackend(load_encoder(scorer_spec(c, run_uri), device), device, dtype)
 
 
 def backend_fingerprint(c: ScoreConfig, run_uri: str) -> str:

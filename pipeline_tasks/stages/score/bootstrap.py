@@ -25,7 +25,6 @@ that ``mofi score --backend packaged`` loads.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -36,58 +35,13 @@ from torch.utils.data import IterableDataset
 from training.core import config as cfg
 from training.core import storage
 
-from . import raw as raw_mod
-from .entity_text import DEFAULT_PROMPTS, entity_texts, kb_text_rows
-from .ner import planned_raw_shards, read_candidates
-from .runtime.layout import NER, RunLayout
+from ...runtime import raw as raw_mod
+from ...runtime.layout import NER, RunLayout
+from ..ner.stage import planned_raw_shards, read_candidates
+from .config import BootstrapConfig
+from .prompts import DEFAULT_PROMPTS, entity_texts, kb_text_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class BootstrapConfig(cfg.StageConfig):
-    """Training the packaged scorer's projection heads."""
-
-    objective: str = cfg.field(
-        "entity", "entity (image vs. KB texts of its linked entities; needs ner) or caption"
-    )
-    max_pairs: int = cfg.field(20000, "use at most this many raw pairs (first shards first)")
-    image_size: int = cfg.field(
-        224, "tower input resolution (EfficientNet-Lite0's own: sharper than 192 on small corpora)"
-    )
-    embed_dim: int = cfg.field(256, "shared embedding size")
-    proj: str = cfg.field("mlp", "projection heads: linear or mlp")
-    epochs: int = cfg.field(40, "at most this many passes over the cached features")
-    patience: int = cfg.field(
-        5, "stop when the held-out loss has not improved for this many epochs"
-    )
-    batch_size: int = cfg.field(512, "contrastive batch")
-    lr: float = cfg.field(2e-3, "AdamW learning rate (cosine decay)")
-    weight_decay: float = cfg.field(0.05, "AdamW weight decay")
-    val_fraction: float = cfg.field(0.1, "held-out images for early stopping")
-    seed: int = cfg.field(0, "seed for head init and batch order")
-    target_prior: str = cfg.field(
-        "coherence",
-        "how an image's linked candidates share its target: coherence (by visual consistency with "
-        "the other images linking the same entity) or uniform",
-    )
-    coherence_tau: float = cfg.field(
-        0.1, "temperature of the coherence prior (lower: closer to the most coherent candidate)"
-    )
-    loader_workers: int = cfg.field(1, "decode processes")
-    precision: str = cfg.field("auto", "autocast for the locked towers: auto, bf16, fp32")
-
-    def validate(self) -> None:
-        self._check(self.max_pairs >= 16, "max_pairs", "must be >= 16")
-        self._check(self.epochs >= 1, "epochs", "must be >= 1")
-        self._check(self.batch_size >= 2, "batch_size", "must be >= 2")
-        self._check(0.01 <= self.val_fraction < 0.5, "val_fraction", "must be in [0.01, 0.5)")
-        self._check(self.objective in ("entity", "caption"), "objective", "entity or caption")
-        self._check(self.patience >= 1, "patience", "must be >= 1")
-        self._check(
-            self.target_prior in ("coherence", "uniform"), "target_prior", "coherence or uniform"
-        )
-        self._check(self.coherence_tau > 0, "coherence_tau", "must be > 0")
 
 
 class _PairStream(IterableDataset):
@@ -109,7 +63,7 @@ class _PairStream(IterableDataset):
 
         from training.transforms import preprocess
 
-        from .runtime import markers
+        from ...runtime import markers
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -221,14 +175,12 @@ def bootstrap_scorer(
     kb_uri: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Tower features once, the objective's targets, the heads trained (early-stopped on
+    held-out images), then centred and saved as a dual-encoder checkpoint."""
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    from training.core.device import autocast, resolve_precision
-    from training.model import DualEncoder, DualEncoderConfig, checkpoint_state, save_checkpoint
-    from training.transforms import normalize
+    from training.core.device import resolve_precision
+    from training.model import DualEncoder, DualEncoderConfig
 
     if c.objective == "entity" and not (run_uri and kb_uri):
         raise cfg.ConfigError("objective 'entity' needs --run (with ner output) and --kb")
@@ -243,11 +195,45 @@ def bootstrap_scorer(
         embed_dim=c.embed_dim, proj=c.proj, image_size=c.image_size, lock_image=True, lock_text=True
     )
     model = DualEncoder(mcfg)
-    device = torch.device("cpu")
-    dtype = resolve_precision(c.precision, device)
+    dtype = resolve_precision(c.precision, torch.device("cpu"))
     model.image_tower.to(memory_format=torch.channels_last)
-    # 1. tower features, once
     t0 = time.time()
+    fi, txt_feats, keys = _tower_features(c, model, shards, dtype, progress)
+    if fi is None:
+        raise FileNotFoundError(f"no usable images in {raw_uri}")
+    g = torch.Generator().manual_seed(c.seed)
+    entities, rows, loss_on = _objective(c, model, fi, txt_feats, keys, run_uri, kb_uri)
+    t_feat = time.time() - t0
+    t1 = time.time()
+    best_epoch, history = _train_heads(c, model, rows, g, loss_on)
+    info = {
+        "pairs": int(fi.shape[0]),
+        "objective": c.objective,
+        "entities": len(entities),
+        "best_epoch": best_epoch,
+        "val_loss": history,
+        "raw": raw_uri,
+    }
+    _center_and_save(c, model, mcfg, fi, out_uri, info)
+    return {
+        **info,
+        "feature_seconds": round(t_feat, 1),
+        "train_seconds": round(time.time() - t1, 1),
+        "out": out_uri,
+    }
+
+
+def _tower_features(c: BootstrapConfig, model, shards, dtype, progress: bool):
+    """(image tower features, caption text features (caption objective), keys), computed
+    once with the towers locked; (None, ...) when no image could be used."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from training.core.device import autocast
+    from training.transforms import normalize
+
+    device = torch.device("cpu")
     img_feats, txt_feats, keys = [], [], []
     loader = DataLoader(
         _PairStream(shards, c.image_size, c.max_pairs),
@@ -269,9 +255,16 @@ def bootstrap_scorer(
             bar.update(len(ks))
     bar.close()
     if not img_feats:
-        raise FileNotFoundError(f"no usable images in {raw_uri}")
-    fi = torch.cat(img_feats)
-    g = torch.Generator().manual_seed(c.seed)
+        return None, txt_feats, keys
+    return torch.cat(img_feats), txt_feats, keys
+
+
+def _objective(c: BootstrapConfig, model, fi, txt_feats, keys, run_uri, kb_uri):
+    """(entities, the image rows that train, loss on a batch of rows): the entity objective
+    (each image against the KB texts of its candidates, soft targets) or the caption one."""
+    import torch
+    import torch.nn.functional as F
+
     if c.objective == "entity":
         entities, cand = _entity_targets(run_uri, kb_uri, keys)
         if not entities:
@@ -294,11 +287,7 @@ def bootstrap_scorer(
             target[r, cand[i]] = prior.get(i, torch.full((len(cand[i]),), 1.0 / len(cand[i])))
     else:
         entities, rows, ft = [], torch.arange(fi.shape[0]), torch.cat(txt_feats)
-    t_feat = time.time() - t0
-    perm = rows[torch.randperm(len(rows), generator=g)]
     pos = {int(i): r for r, i in enumerate(rows.tolist())}
-    n_val = max(2, int(len(perm) * c.val_fraction))
-    val, tr = perm[:n_val], perm[n_val:]
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         a = model.project_image(fi[idx])
@@ -315,6 +304,19 @@ def bootstrap_scorer(
         labels = torch.arange(len(idx))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
+    return entities, rows, loss_on
+
+
+def _train_heads(c: BootstrapConfig, model, rows, g, loss_on) -> tuple[int, list[float]]:
+    """AdamW with cosine decay on the heads; the best held-out epoch's weights are kept
+    (loaded into ``model``). (best epoch, held-out loss per epoch)."""
+    import torch
+
+    from training.model import checkpoint_state
+
+    perm = rows[torch.randperm(len(rows), generator=g)]
+    n_val = max(2, int(len(perm) * c.val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(tr) / c.batch_size))
@@ -322,7 +324,6 @@ def bootstrap_scorer(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    t1 = time.time()
     best, best_state, best_epoch, history = float("inf"), None, 0, []
     for epoch in range(c.epochs):
         model.train()
@@ -349,20 +350,22 @@ def bootstrap_scorer(
             break
     model.load_state_dict(best_state, strict=False)
     model.eval()
+    return best_epoch, history
+
+
+def _center_and_save(c: BootstrapConfig, model, mcfg, fi, out_uri: str, info: dict) -> None:
+    """The mean image embedding stored with the heads (similarity is measured from it), then
+    the checkpoint (towers excluded) and its JSON summary."""
+    import torch
+
+    from training.model import checkpoint_state, save_checkpoint
+
     with torch.no_grad():
         center = torch.cat(
             [model.project_image(fi[i : i + 4096]) for i in range(0, fi.shape[0], 4096)]
         ).mean(0)
     model.image_center.copy_(center)
     model.config = mcfg = mcfg.replace(center_images=True)
-    info = {
-        "pairs": int(fi.shape[0]),
-        "objective": c.objective,
-        "entities": len(entities),
-        "best_epoch": best_epoch,
-        "val_loss": history,
-        "raw": raw_uri,
-    }
     save_checkpoint(
         out_uri,
         "dual_encoder",
@@ -371,9 +374,3 @@ def bootstrap_scorer(
         {"bootstrap": c.to_dict(), **info},
     )
     storage.write_json(out_uri + ".json", {**info, "config": c.to_dict()})
-    return {
-        **info,
-        "feature_seconds": round(t_feat, 1),
-        "train_seconds": round(time.time() - t1, 1),
-        "out": out_uri,
-    }

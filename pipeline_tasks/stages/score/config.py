@@ -1,4 +1,5 @@
-"""``ScoreConfig``: which scorer, on which devices, decoding where, with which prompts."""
+"""``ScoreConfig``: which scorer, on which devices, decoding where, with which prompts; and
+``BootstrapConfig``: how the packaged scorer's heads are trained when a run has none."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 
 from training.core import config as cfg
 
-from ..entity_text import DEFAULT_PROMPTS
+from .prompts import DEFAULT_PROMPTS
 
 BACKENDS = ("packaged", "open_clip", "mofi")
 
@@ -97,3 +98,49 @@ class ScoreConfig(cfg.StageConfig):
             self._check(
                 bool(self.model), "model", "open_clip needs ARCH, ARCH:TAG or ARCH:/path/ckpt.pt"
             )
+
+
+@dataclasses.dataclass
+class BootstrapConfig(cfg.StageConfig):
+    """Training the packaged scorer's projection heads."""
+
+    objective: str = cfg.field(
+        "entity", "entity (image vs. KB texts of its linked entities; needs ner) or caption"
+    )
+    max_pairs: int = cfg.field(20000, "use at most this many raw pairs (first shards first)")
+    image_size: int = cfg.field(
+        224, "tower input resolution (EfficientNet-Lite0's own: sharper than 192 on small corpora)"
+    )
+    embed_dim: int = cfg.field(256, "shared embedding size")
+    proj: str = cfg.field("mlp", "projection heads: linear or mlp")
+    epochs: int = cfg.field(40, "at most this many passes over the cached features")
+    patience: int = cfg.field(
+        5, "stop when the held-out loss has not improved for this many epochs"
+    )
+    batch_size: int = cfg.field(512, "contrastive batch")
+    lr: float = cfg.field(2e-3, "AdamW learning rate (cosine decay)")
+    weight_decay: float = cfg.field(0.05, "AdamW weight decay")
+    val_fraction: float = cfg.field(0.1, "held-out images for early stopping")
+    seed: int = cfg.field(0, "seed for head init and batch order")
+    target_prior: str = cfg.field(
+        "coherence",
+        "how an image's linked candidates share its target: coherence (by visual consistency with "
+        "the other images linking the same entity) or uniform",
+    )
+    coherence_tau: float = cfg.field(
+        0.1, "temperature of the coherence prior (lower: closer to the most coherent candidate)"
+    )
+    loader_workers: int = cfg.field(1, "decode processes")
+    precision: str = cfg.field("auto", "autocast for the locked towers: auto, bf16, fp32")
+
+    def validate(self) -> None:
+        self._check(self.max_pairs >= 16, "max_pairs", "must be >= 16")
+        self._check(self.epochs >= 1, "epochs", "must be >= 1")
+        self._check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        self._check(0.01 <= self.val_fraction < 0.5, "val_fraction", "must be in [0.01, 0.5)")
+        self._check(self.objective in ("entity", "caption"), "objective", "entity or caption")
+        self._check(self.patience >= 1, "patience", "must be >= 1")
+        self._check(
+            self.target_prior in ("coherence", "uniform"), "target_prior", "coherence or uniform"
+        )
+        self._check(self.coherence_tau > 0, "coherence_tau", "must be > 0")

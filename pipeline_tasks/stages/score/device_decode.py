@@ -59,7 +59,7 @@ class DeviceDecoder:
 
     def _header(self, data: bytes) -> tuple[str | None, Any]:
         """(drop reason or None, (format, mode)), exactly as the PIL path checks it."""
-        from pipeline_tasks.raw import open_image
+        from pipeline_tasks.runtime.raw import open_image
 
         im, reason = open_image(data, self.max_pixels)
         return reason, None if reason else (im.format, im.mode)
@@ -68,7 +68,7 @@ class DeviceDecoder:
         """(uint8 CHW tensor on the device, None) or (None, drop reason)."""
         import torch
 
-        from pipeline_tasks.raw import decode_image
+        from pipeline_tasks.runtime.raw import decode_image
         from training.transforms import to_uint8_hwc
 
         im, reason = decode_image(data, self.max_pixels)

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from training.core import storage
 
-from ..entity_text import entity_texts
 from .backends import ScorerBackend
 from .config import ScoreConfig
+from .prompts import entity_texts
 
 
 def embed_entities(

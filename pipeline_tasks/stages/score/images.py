@@ -14,9 +14,9 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from .. import raw as raw_mod
-from ..ner import read_candidates
-from ..runtime import markers
+from ...runtime import markers
+from ...runtime import raw as raw_mod
+from ..ner.stage import read_candidates
 
 log = logging.getLogger(__name__)
 

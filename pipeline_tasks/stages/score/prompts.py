@@ -16,7 +16,7 @@ def entity_texts(
     kb_rows: dict[str, dict[str, Any]], eids: list[str], prompts: tuple[str, ...]
 ) -> list[list[str]]:
     """The prompts of each entity, filled with its base name and its description."""
-    from .kb import base_name
+    from ..kb.names import base_name
 
     out = []
     for eid in eids:
@@ -31,7 +31,7 @@ def entity_texts(
 
 def kb_text_rows(kb_uri: str) -> dict[str, dict[str, Any]]:
     """entity_id -> {entity_id, name, description} of the KB at ``kb_uri``."""
-    from .kb import load_kb
+    from ..kb.stage import load_kb
 
     kb = load_kb(kb_uri)
     return {r["entity_id"]: r for r in kb.select(["entity_id", "name", "description"]).to_pylist()}

@@ -23,15 +23,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from training.core import config as cfg
-from training.core import storage
+from training.core import storage, tempfiles
 
-from ..entity_text import kb_text_rows
-from ..ner import planned_raw_shards, read_candidates
-from ..runtime.executor import ShardTask, StageResult, pending_tasks, run_shards, stage_lease
-from ..runtime.layout import NER, SCORE, RunLayout
+from ...runtime.executor import ShardTask, StageResult, pending_tasks, run_shards, stage_lease
+from ...runtime.layout import NER, SCORE, RunLayout
+from ..ner.stage import planned_raw_shards, read_candidates
 from .backends import backend_fingerprint, build_backend, checkpoint_uri
 from .config import ScoreConfig
 from .embeddings import embed_entities, write_entity_matrix
+from .prompts import kb_text_rows
 from .worker import ScoreStage, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def ensure_scorer(
     """Bootstrap the packaged scorer when :func:`needs_bootstrap`; its report, or None."""
     if not needs_bootstrap(c, run_uri):
         return None
-    from ..bootstrap import bootstrap_scorer
+    from .bootstrap import bootstrap_scorer
 
     return bootstrap_scorer(
         boot, raw_uri, checkpoint_uri(c, run_uri), run_uri, kb_uri, progress=progress
@@ -114,32 +114,8 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
         return result
     # 1. every distinct candidate entity of the pending shards, embedded once
     t0 = time.time()
-    eids: set[str] = set()
-    for t in todo:
-        for v in read_candidates(t.data["mentions"]).values():
-            eids.update(v)
-    kb_rows = kb_text_rows(kb_uri)
-    unknown = sorted(e for e in eids if e not in kb_rows)
-    if unknown:
-        raise cfg.ConfigError(
-            f"{len(unknown)} candidate entities are not in the KB {kb_uri} (e.g. {unknown[:3]}): ner ran with another KB"
-        )
-    order = sorted(eids)
     devices = resolve_devices(c.devices)
-
-    def text_backend():
-        from training.core.device import pick_device
-
-        return build_backend(c, run_uri, pick_device(devices[0]))
-
-    mat, n_new = embed_entities(
-        text_backend,
-        backend_fingerprint(c, run_uri),
-        kb_rows,
-        order,
-        c,
-        c.cache_uri or layout.embedding_cache,
-    )
+    order, mat, n_new = _embed_candidates(c, layout, kb_uri, todo, devices[0])
     result.extra.update(
         entities=len(order), entities_embedded=n_new, text_seconds=round(time.time() - t0, 2)
     )
@@ -152,7 +128,7 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
     matrix = os.path.join(work, f"score-entities-{digest}-{os.getpid()}.parquet")
     write_entity_matrix(matrix, order, mat)
     stage = ScoreStage(c, run_uri, matrix, devices, reference_every)
-    storage.clean_temp(out)
+    tempfiles.clean_temp(out)
     t1 = time.time()
     try:
         run_shards(
@@ -169,17 +145,54 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
             os.remove(matrix)
     t_img = time.time() - t1
     result.processed = len(todo)
-    ts = {k: result.extra.pop(k, None) for k in ("t_setup", "t_ready", "t_first_scored")}
-    if ts["t_setup"]:  # launch -> worker running (spawn, imports) -> model loaded -> first batch
-        result.extra["startup_s"] = {
-            "spawn_and_imports": round(ts["t_setup"] - t1, 2),
-            "model_and_entities": round(ts["t_ready"] - ts["t_setup"], 2),
-            "to_first_scored_batch": round(ts["t_first_scored"] - t1, 2)
-            if ts["t_first_scored"]
-            else None,
-        }
+    _startup(result, t1)
     result.extra.update(
         image_seconds=round(t_img, 2),
         images_per_s=round(result.extra.get("images", 0) / t_img, 1) if t_img else None,
     )
     return result
+
+
+def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, device: str):
+    """(entity ids, their text embeddings, how many were embedded now): every distinct
+    candidate of the pending shards, through the cache (each text once per scorer, ever)."""
+    eids: set[str] = set()
+    for t in todo:
+        for v in read_candidates(t.data["mentions"]).values():
+            eids.update(v)
+    kb_rows = kb_text_rows(kb_uri)
+    unknown = sorted(e for e in eids if e not in kb_rows)
+    if unknown:
+        raise cfg.ConfigError(
+            f"{len(unknown)} candidate entities are not in the KB {kb_uri} (e.g. {unknown[:3]}): ner ran with another KB"
+        )
+    order = sorted(eids)
+
+    def text_backend():
+        from training.core.device import pick_device
+
+        return build_backend(c, layout.root, pick_device(device))
+
+    mat, n_new = embed_entities(
+        text_backend,
+        backend_fingerprint(c, layout.root),
+        kb_rows,
+        order,
+        c,
+        c.cache_uri or layout.embedding_cache,
+    )
+    return order, mat, n_new
+
+
+def _startup(result: StageResult, t_launch: float) -> None:
+    """The workers' start-up, from their absolute times: launch -> worker running (spawn,
+    imports) -> model loaded -> first scored batch."""
+    ts = {k: result.extra.pop(k, None) for k in ("t_setup", "t_ready", "t_first_scored")}
+    if ts["t_setup"]:
+        result.extra["startup_s"] = {
+            "spawn_and_imports": round(ts["t_setup"] - t_launch, 2),
+            "model_and_entities": round(ts["t_ready"] - ts["t_setup"], 2),
+            "to_first_scored_batch": round(ts["t_first_scored"] - t_launch, 2)
+            if ts["t_first_scored"]
+            else None,
+        }

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from training.core import storage
 
-from ..runtime import markers
-from ..runtime.executor import ShardOutcome, ShardStage, ShardTask
-from ..runtime.layout import SCORE, RunLayout
+from ...runtime import markers
+from ...runtime.executor import ShardOutcome, ShardStage, ShardTask
+from ...runtime.layout import SCORE, RunLayout
 from .backends import build_backend, reference_batch
 from .config import ScoreConfig
 from .device_decode import DeviceDecoder
@@ -59,6 +59,30 @@ def decode_plan(c: ScoreConfig, device, model_threads: int, world: int) -> tuple
         return mode, 2
     share = max(1, (os.cpu_count() or 1) // max(1, world))
     return mode, max(1, share - (model_threads if device.type == "cpu" else 1))
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What one worker's scoring loop accumulates over its shards."""
+
+    ref_x: Any = None  # the preloaded batch the bare forward is timed on
+    parts: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    device_drops: dict[str, Counter] = dataclasses.field(default_factory=dict)
+    failed: set[str] = dataclasses.field(default_factory=set)
+    buffers: dict[str, list[tuple[str, str, float]]] = dataclasses.field(default_factory=dict)
+    # shard -> (key, visual features)
+    embeddings: dict[str, list[tuple[str, Any]]] = dataclasses.field(default_factory=dict)
+    started: dict[str, float] = dataclasses.field(default_factory=dict)
+    t_decode: float = 0.0
+    t_first_scored: float | None = None
+    t_img: float = 0.0
+    n_img: int = 0
+    t_ref: float = 0.0
+    n_ref: int = 0
+    n_batches: int = 0
+    t_first: float | None = None
+    # blocked on the loader: the data path is the bottleneck when this dominates
+    t_wait: float = 0.0
 
 
 @dataclasses.dataclass
@@ -144,11 +168,7 @@ class ScoreStage(ShardStage):
     def process_all(
         self, tasks: Iterable[ShardTask], store: markers.MarkerStore
     ) -> Iterator[ShardOutcome]:
-        import torch
-
-        from training.core.device import peak_rss_bytes
-
-        c, backend, device = self.config, self.backend, self.device
+        c = self.config
         mine = []
         for t in tasks:
             try:
@@ -160,123 +180,134 @@ class ScoreStage(ShardStage):
             return
         loader, decode = self._loader(mine)
         decoder = (
-            DeviceDecoder(device, backend.image_size, c.max_pixels)
+            DeviceDecoder(self.device, self.backend.image_size, c.max_pixels)
             if decode.endswith("device")
             else None
         )
-        parts: dict[str, list[dict[str, Any]]] = {}  # shard -> stats of its ended parts
-        device_drops: dict[str, Counter] = {}
-        failed: set[str] = set()
-        t_decode = 0.0
-        t_first_scored = None
-        buffers: dict[str, list[tuple[str, str, float]]] = {}
-        embeddings: dict[str, list[tuple[str, Any]]] = {}  # shard -> (key, visual features)
-        started: dict[str, float] = {}
-        t_img, n_img = 0.0, 0
         # the bare forward, interleaved with the real batches, so both see the same machine
-        ref_x = reference_batch(backend, c.batch_size) if self.reference_every else None
-        t_ref, n_ref, n_batches = 0.0, 0, 0
+        st = _Loop(reference_batch(self.backend, c.batch_size) if self.reference_every else None)
         t_loop = time.perf_counter()
-        t_first = None
-        t_wait = 0.0  # blocked on the loader: the data path is the bottleneck when this dominates
         it = iter(loader)
         while True:
             t_w = time.perf_counter()
             item = next(it, None)
             if item is None:
                 break
-            t_wait += time.perf_counter() - t_w if t_first else 0.0
-            t_first = t_first or time.perf_counter()
+            st.t_wait += time.perf_counter() - t_w if st.t_first else 0.0
+            st.t_first = st.t_first or time.perf_counter()
             kind, sid = item[0], item[1]
-            if sid not in started:
-                started[sid] = time.time()
-            if sid in failed:  # the rest of a shard that already failed (another part's)
+            if sid not in st.started:
+                st.started[sid] = time.time()
+            if sid in st.failed:  # the rest of a shard that already failed (another part's)
                 continue
             if kind == "bytes":  # decode on the device; a bad record is a counted drop
-                _, _, keys, datas, cand = item
-                t0 = time.perf_counter()
-                x, kept, bad = decoder(datas)
-                for i, reason in bad.items():
-                    device_drops.setdefault(sid, Counter())[reason] += 1
-                    log.debug("skip [%s] %s/%s", reason, sid, keys[i])
-                t_decode += time.perf_counter() - t0
-                if x is None:
-                    continue
-                kind, keys, cand = "batch", [keys[i] for i in kept], [cand[i] for i in kept]
-            else:
-                x = item[3] if kind == "batch" else None
-                keys, cand = (item[2], item[4]) if kind == "batch" else (None, None)
-            if kind == "batch":
-                t0 = time.perf_counter()
-                n_real = x.shape[0]
-                if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
-                    x = torch.cat([x, x.new_zeros((c.batch_size - n_real, *x.shape[1:]))])
-                feats, visual = backend.encode_images(x, on_device=True, with_visual=True)
-                feats, visual = feats[:n_real], visual[:n_real]
-                # every (image, candidate) pair of the batch in one gathered dot product
-                img_rows = [i for i, cs in enumerate(cand) for _ in cs]
-                ent_rows = [self.index[e] for cs in cand for e in cs]
-                sims = (feats[img_rows] * self.E[ent_rows]).sum(-1).tolist()
-                t_img += time.perf_counter() - t0
-                if not n_img:
-                    t_first_scored = time.time()
-                n_img += len(keys)
-                pairs = [(keys[i], e) for i, cs in enumerate(cand) for e in cs]
-                buffers.setdefault(sid, []).extend(
-                    (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
-                )
-                embeddings.setdefault(sid, []).extend(zip(keys, visual.cpu().numpy(), strict=True))
-                n_batches += 1
-                if self.reference_every and n_batches % self.reference_every == 0:
-                    t0 = time.perf_counter()
-                    backend.encode_images(ref_x, on_device=True).sum().item()  # .item(): synced
-                    t_ref += time.perf_counter() - t0
-                    n_ref += c.batch_size
+                batch = self._decode_on_device(item, decoder, st)
+                if batch is not None:
+                    self._score_batch(sid, *batch, st)
+            elif kind == "batch":
+                self._score_batch(sid, item[2], item[3], item[4], st)
             elif kind == "end":  # one part of the shard is done; publish when all are
-                parts.setdefault(sid, []).append(item[2])
-                if len(parts[sid]) < item[3]:
-                    continue
-                st = merge_parts(parts.pop(sid))
-                for reason, n in device_drops.pop(sid, Counter()).items():
-                    st.drop(reason, n)
-                self._publish(
-                    sid,
-                    sorted(buffers.pop(sid, [])),
-                    sorted(embeddings.pop(sid, []), key=lambda r: r[0]),
-                    st,
-                    started[sid],
-                    store,
-                )
-                yield ShardOutcome(sid, 1)
+                outcome = self._end_part(sid, item[2], item[3], st, store)
+                if outcome is not None:
+                    yield outcome
             else:  # fail
-                failed.add(sid)
-                buffers.pop(sid, None)
-                embeddings.pop(sid, None)
-                parts.pop(sid, None)
-                store.mark_failed(
-                    sid,
-                    item[2],
-                    markers.ShardStats(started_at=started[sid], finished_at=time.time()),
-                )
-                yield ShardOutcome(sid, 1, item[2])
-        self._report = {
+                yield self._fail(sid, item[2], st, store)
+        self._report = self._worker_report(st, t_loop, decode, decoder)
+
+    def _decode_on_device(self, item, decoder, st: _Loop):
+        """(keys, uint8 batch, candidates) of a batch of raw bytes decoded on the device, the
+        records it rejects counted as drops of their shard; None when none is left."""
+        _, sid, keys, datas, cand = item
+        t0 = time.perf_counter()
+        x, kept, bad = decoder(datas)
+        for i, reason in bad.items():
+            st.device_drops.setdefault(sid, Counter())[reason] += 1
+            log.debug("skip [%s] %s/%s", reason, sid, keys[i])
+        st.t_decode += time.perf_counter() - t0
+        if x is None:
+            return None
+        return [keys[i] for i in kept], x, [cand[i] for i in kept]
+
+    def _score_batch(self, sid: str, keys, x, cand, st: _Loop) -> None:
+        """Embed one batch (padded to the fixed shape) and take the similarity of every
+        (image, candidate) pair in one gathered dot product."""
+        import torch
+
+        c, backend = self.config, self.backend
+        t0 = time.perf_counter()
+        n_real = x.shape[0]
+        if n_real < c.batch_size:  # a shard's last batch: pad to the fixed shape
+            x = torch.cat([x, x.new_zeros((c.batch_size - n_real, *x.shape[1:]))])
+        feats, visual = backend.encode_images(x, on_device=True, with_visual=True)
+        feats, visual = feats[:n_real], visual[:n_real]
+        img_rows = [i for i, cs in enumerate(cand) for _ in cs]
+        ent_rows = [self.index[e] for cs in cand for e in cs]
+        sims = (feats[img_rows] * self.E[ent_rows]).sum(-1).tolist()
+        st.t_img += time.perf_counter() - t0
+        if not st.n_img:
+            st.t_first_scored = time.time()
+        st.n_img += len(keys)
+        pairs = [(keys[i], e) for i, cs in enumerate(cand) for e in cs]
+        st.buffers.setdefault(sid, []).extend(
+            (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
+        )
+        st.embeddings.setdefault(sid, []).extend(zip(keys, visual.cpu().numpy(), strict=True))
+        st.n_batches += 1
+        if self.reference_every and st.n_batches % self.reference_every == 0:
+            t0 = time.perf_counter()
+            backend.encode_images(st.ref_x, on_device=True).sum().item()  # .item(): synced
+            st.t_ref += time.perf_counter() - t0
+            st.n_ref += c.batch_size
+
+    def _end_part(self, sid, part_stats, n_parts, st: _Loop, store) -> ShardOutcome | None:
+        """One loader's part of a shard ended; the shard is published once all have."""
+        st.parts.setdefault(sid, []).append(part_stats)
+        if len(st.parts[sid]) < n_parts:
+            return None
+        stats = merge_parts(st.parts.pop(sid))
+        for reason, n in st.device_drops.pop(sid, Counter()).items():
+            stats.drop(reason, n)
+        self._publish(
+            sid,
+            sorted(st.buffers.pop(sid, [])),
+            sorted(st.embeddings.pop(sid, []), key=lambda r: r[0]),
+            stats,
+            st.started[sid],
+            store,
+        )
+        return ShardOutcome(sid, 1)
+
+    def _fail(self, sid: str, error: str, st: _Loop, store) -> ShardOutcome:
+        st.failed.add(sid)
+        st.buffers.pop(sid, None)
+        st.embeddings.pop(sid, None)
+        st.parts.pop(sid, None)
+        store.mark_failed(
+            sid, error, markers.ShardStats(started_at=st.started[sid], finished_at=time.time())
+        )
+        return ShardOutcome(sid, 1, error)
+
+    def _worker_report(self, st: _Loop, t_loop: float, decode: str, decoder) -> dict[str, Any]:
+        from training.core.device import peak_rss_bytes
+
+        return {
             "rank": self.rank,
-            "device": str(device),
+            "device": str(self.device),
             "peak_rss_bytes": peak_rss_bytes(),
-            "images": n_img,
-            "model_s": t_img,
+            "images": st.n_img,
+            "model_s": st.t_img,
             "loop_s": time.perf_counter() - t_loop,
-            "steady_s": time.perf_counter() - (t_first or time.perf_counter()) - t_ref,
-            "wait_s": t_wait,
-            "reference_s": t_ref,
-            "reference_images": n_ref,
+            "steady_s": time.perf_counter() - (st.t_first or time.perf_counter()) - st.t_ref,
+            "wait_s": st.t_wait,
+            "reference_s": st.t_ref,
+            "reference_images": st.n_ref,
             "decode": decode,
-            "device_decode_s": t_decode,
+            "device_decode_s": st.t_decode,
             "decoded_on_device": decoder.decoded_on_device if decoder else 0,
             "device_fallbacks": decoder.fallbacks if decoder else 0,
             "t_setup": self._t_setup,
             "t_ready": self._t_ready,
-            "t_first_scored": t_first_scored,
+            "t_first_scored": st.t_first_scored,
         }
 
     def _publish(self, sid, rows, embs, st: markers.ShardStats, started_at: float, store) -> None:

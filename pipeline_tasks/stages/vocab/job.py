@@ -1,9 +1,17 @@
-"""spark-submit entry point of `mofi vocab` (see pipeline_tasks/vocab.py). Usage: vocab_job.py SPEC.json
+"""spark-submit entry point of `mofi vocab` (see ``stage``). Usage: job.py SPEC.json
 
-Score files are read through the storage API inside ``mapInPandas`` (local or s3://), the
-filters, per-image top-k window, per-entity quantiles and image counts run as Spark SQL, the
-vocabulary (small: one row per kept entity) is collected and published by the driver, and
-each shard's labels are published by ``applyInPandas`` grouped by shard, then marked done.
+Four steps, one function each:
+
+1. :func:`read`: score files (and, for coherence, the images' visual features) are read
+   through the storage API inside ``mapInPandas`` (local or s3://);
+2. :func:`score_pairs` and :func:`calibrate`: each pair's score (similarity plus visual
+   coherence), its rank within its image, and the threshold read off the null scores (or the
+   absolute one), as Spark SQL;
+3. :func:`filter_vocab`: top-k, per-entity quantiles, image counts, min_count, and the
+   refusal of an empty or collapsed output (``filtering``);
+4. :func:`publish`: the vocabulary (small: one row per kept entity) is collected and
+   published by the driver, each shard's labels by ``applyInPandas`` grouped by shard, then
+   marked done; the vocabulary's own marker comes last.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
+from typing import Any
 
 import pandas as pd
 
@@ -23,7 +33,8 @@ SCORED_SCHEMA = (
 LABEL_STATS = "shard string, n long"
 
 
-def read_scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def read_columns(columns: list[str], batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """``columns`` of each (shard, uri) row's Parquet file, with the shard in front."""
     import pyarrow.parquet as pq
 
     from training.core import storage
@@ -31,24 +42,41 @@ def read_scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     for pdf in batches:
         for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
             with storage.open_read(uri) as f:
-                t = pq.read_table(f, columns=["key", "entity_id", "similarity"]).to_pandas()
+                t = pq.read_table(f, columns=columns).to_pandas()
             t.insert(0, "shard", shard)
             yield t
 
 
-def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
-    import pyarrow as pa
+def _publish_labels(spec: dict, shard: str, table, st, compression: str | None = "zstd") -> None:
+    """Write one shard's labels, then its done marker vouching for them."""
     import pyarrow.parquet as pq
 
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import LABELS, RunLayout
-    from pipeline_tasks.vocab import LABELS_SCHEMA
     from training.core import storage
+
+    layout = RunLayout(spec["run_uri"])
+    store, uri = layout.store(LABELS), layout.output(LABELS, shard)
+    with storage.open_write(uri) as f:
+        if compression:
+            pq.write_table(table, f, compression=compression)
+        else:
+            pq.write_table(table, f)
+    markers.record_outputs(st, store.root, [uri])
+    store.mark_done(shard, st)
+
+
+def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
+    """One shard's kept labels (an ``applyInPandas`` group): every image's entities, best first."""
+    import pyarrow as pa
+
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import LABELS, RunLayout
+    from pipeline_tasks.stages.vocab.stage import LABELS_SCHEMA
 
     t0 = time.time()
     shard = str(pdf["shard"].iloc[0])
-    store = RunLayout(spec["run_uri"]).store(LABELS)
-    store.mark_running(shard)
+    RunLayout(spec["run_uri"]).store(LABELS).mark_running(shard)
     pdf = pdf.sort_values(["key", "similarity", "entity_id"], ascending=[True, False, True])
     keys, eids, cls, sims = [], [], [], []
     for key, g in pdf.groupby("key", sort=True):
@@ -60,75 +88,36 @@ def write_labels(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
         {"key": keys, "entity_ids": eids, "class_indices": cls, "similarities": sims},
         schema=LABELS_SCHEMA,
     )
-    uri = RunLayout(spec["run_uri"]).output(LABELS, shard)
-    with storage.open_write(uri) as f:
-        pq.write_table(table, f, compression="zstd")
     st = markers.ShardStats(
         n_in=int(spec["images_in"].get(shard, len(keys))), n_out=len(keys), started_at=t0
     )
     dropped = st.n_in - st.n_out
     if dropped > 0:
         st.drop("no_entity_kept", dropped)
-    markers.record_outputs(st, store.root, [uri])
     st.extra = {"labels": int(len(pdf))}
     st.finished_at = time.time()
     st.duration_s = round(st.finished_at - t0, 3)
-    store.mark_done(shard, st)
+    _publish_labels(spec, shard, table, st)
     return pd.DataFrame([{"shard": shard, "n": len(keys)}])
-
-
-def read_embeddings(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    import pyarrow.parquet as pq
-
-    from training.core import storage
-
-    for pdf in batches:
-        for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
-            with storage.open_read(uri) as f:
-                t = pq.read_table(f, columns=["key", "embedding"]).to_pandas()
-            t.insert(0, "shard", shard)
-            yield t
 
 
 def fail(vstore, message: str) -> int:
     """Record why the filter refused to publish (the driver reports it in one line)."""
     from pipeline_tasks.runtime import markers
 
-    vstore.mark_failed("00000", f"filter: {message}", markers.ShardStats())
+    vstore.mark_failed(markers.WHOLE_STAGE, f"filter: {message}", markers.ShardStats())
     print(f"MOFI_FILTER_ERROR {message}", flush=True)
     return 3
 
 
-def main(spec_path: str) -> int:
-    from functools import partial
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pyspark.sql import SparkSession, Window
+def read(spark, spec: dict, n_parts: int):
+    """(cached scores, pairs in, shard -> images in)."""
     from pyspark.sql import functions as F
 
-    from pipeline_tasks import filtering
-    from pipeline_tasks.kb import load_kb
-    from pipeline_tasks.runtime import markers
-    from pipeline_tasks.runtime.layout import LABELS, VOCAB, RunLayout
-    from pipeline_tasks.vocab import LABELS_SCHEMA, VOCAB_SCHEMA
-    from training.core import storage
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    c = spec["config"]
-    t0 = time.time()
-    spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    vstore = RunLayout(spec["run_uri"]).store(VOCAB)
-    vstore.mark_running("00000")
-    files = spec["score_files"]
-    n_parts = max(1, min(len(files), 2 * spark.sparkContext.defaultParallelism))
     scores = (
-        spark.createDataFrame(files, "shard string, uri string")
+        spark.createDataFrame(spec["score_files"], "shard string, uri string")
         .repartition(n_parts)
-        .mapInPandas(read_scores, schema=SCORE_SCHEMA)
+        .mapInPandas(partial(read_columns, ["key", "entity_id", "similarity"]), SCORE_SCHEMA)
     )
     scores = scores.cache()
     pairs_in = scores.count()
@@ -136,55 +125,80 @@ def main(spec_path: str) -> int:
         r["shard"]: r["n"]
         for r in scores.groupBy("shard").agg(F.countDistinct("key").alias("n")).collect()
     }
-    calibrated = c["threshold_mode"] == "calibrated"
-    weight = float(c["coherence_weight"]) if calibrated else 0.0
-    if weight > 0:
-        embs = (
-            spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
-            .repartition(n_parts)
-            .mapInPandas(read_embeddings, schema=EMBEDDING_SCHEMA)
-            .cache()
-        )
-        parts = embs.mapInPandas(filtering.embedding_sums, "n long, s array<double>").collect()
-        n_emb = sum(r["n"] for r in parts)
-        mean = np.sum([np.asarray(r["s"]) for r in parts], axis=0) / max(1, n_emb)
-        pairs = scores.join(embs, ["shard", "key"])
-        sums = (
-            pairs.mapInPandas(
-                partial(filtering.partial_sums, mean), "entity_id string, n long, s array<double>"
-            )
-            .groupBy("entity_id")
-            .applyInPandas(filtering.add_partials, "entity_id string, n long, s array<double>")
-        )
-        scored = pairs.join(sums, "entity_id").mapInPandas(
-            partial(filtering.leave_one_out, mean, weight), SCORED_SCHEMA
-        )
-    else:
-        scored = scores.withColumn("coherence", F.lit(0.0).cast("float")).withColumn(
+    return scores, pairs_in, images_in
+
+
+def score_pairs(spark, spec: dict, scores, n_parts: int, weight: float):
+    """Each pair's coherence and score (similarity + weight x coherence; weight 0: the
+    similarity alone), from per-entity sums of centred visual features."""
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    from pipeline_tasks.stages.vocab import filtering
+
+    if weight <= 0:
+        return scores.withColumn("coherence", F.lit(0.0).cast("float")).withColumn(
             "score", F.col("similarity")
         )
+    embs = (
+        spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
+        .repartition(n_parts)
+        .mapInPandas(partial(read_columns, ["key", "embedding"]), EMBEDDING_SCHEMA)
+        .cache()
+    )
+    parts = embs.mapInPandas(filtering.embedding_sums, "n long, s array<double>").collect()
+    n_emb = sum(r["n"] for r in parts)
+    mean = np.sum([np.asarray(r["s"]) for r in parts], axis=0) / max(1, n_emb)
+    pairs = scores.join(embs, ["shard", "key"])
+    sums = (
+        pairs.mapInPandas(
+            partial(filtering.partial_sums, mean), "entity_id string, n long, s array<double>"
+        )
+        .groupBy("entity_id")
+        .applyInPandas(filtering.add_partials, "entity_id string, n long, s array<double>")
+    )
+    return pairs.join(sums, "entity_id").mapInPandas(
+        partial(filtering.leave_one_out, mean, weight), SCORED_SCHEMA
+    )
+
+
+def calibrate(scored, c: dict[str, Any], weight: float):
+    """(kept pairs with their rank in the image, calibration): above the null scores'
+    quantile (calibrated) or the absolute threshold. Raises ``FilterError`` when the null
+    is too small to place the threshold."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from pipeline_tasks.stages.vocab import filtering
+
+    calibrated = c["threshold_mode"] == "calibrated"
     if not calibrated:  # an absolute threshold on the similarity, then the top-k survivors
         scored = scored.filter(F.col("similarity") >= F.lit(float(c["threshold"])))
     rank = Window.partitionBy("shard", "key").orderBy(F.desc("score"), F.asc("entity_id"))
     scored = scored.withColumn("_rank", F.row_number().over(rank)).cache()
     calibration = {"threshold_mode": c["threshold_mode"], "coherence_weight": weight}
-    if calibrated:
-        null = scored.filter(F.col("_rank") > 1)
-        n_null = null.count()
-        try:
-            filtering.require_null_scores(n_null, int(c["min_null_pairs"]))
-        except filtering.FilterError as exc:
-            spark.stop()
-            return fail(vstore, str(exc))
-        # Greenwald-Khanna with a 1e-4 rank error: exact enough, and it scales
-        thr = null.approxQuantile("score", [float(c["null_quantile"])], 1e-4)[0]
-        calibration.update(
-            threshold=round(thr, 6), null_quantile=c["null_quantile"], null_pairs=int(n_null)
-        )
-        kept = scored.filter(F.col("score") >= F.lit(thr))
-    else:
+    if not calibrated:
         calibration["threshold"] = float(c["threshold"])
-        kept = scored
+        return scored, calibration
+    null = scored.filter(F.col("_rank") > 1)
+    n_null = null.count()
+    filtering.require_null_scores(n_null, int(c["min_null_pairs"]))
+    # Greenwald-Khanna with a 1e-4 rank error: exact enough, and it scales
+    thr = null.approxQuantile("score", [float(c["null_quantile"])], 1e-4)[0]
+    calibration.update(
+        threshold=round(thr, 6), null_quantile=c["null_quantile"], null_pairs=int(n_null)
+    )
+    return scored.filter(F.col("score") >= F.lit(thr)), calibration
+
+
+def filter_vocab(kept, c: dict[str, Any], calibration: dict[str, Any], images_in: dict):
+    """(kept pairs, vocabulary as pandas, entities seen): top-k per image, the per-entity
+    quantile, min_count (lowered on small corpora), and the refusal of an empty or collapsed
+    output (``FilterError``)."""
+    from pyspark.sql import functions as F
+
+    from pipeline_tasks.stages.vocab import filtering
+
     if c["top_k"] > 0:
         kept = kept.filter(F.col("_rank") <= c["top_k"])
     kept = kept.drop("_rank")
@@ -196,7 +210,6 @@ def main(spec_path: str) -> int:
     kept = kept.cache()
     counts = kept.groupBy("entity_id").agg(F.countDistinct("shard", "key").alias("n_images"))
     counts_pd = counts.toPandas()
-    candidates = len(counts_pd)
     min_count = filtering.effective_min_count(
         dict(zip(counts_pd["entity_id"], counts_pd["n_images"], strict=True)),
         int(c["min_count"]),
@@ -209,18 +222,29 @@ def main(spec_path: str) -> int:
         .reset_index(drop=True)
     )
     how = ", ".join(f"{k}={v}" for k, v in calibration.items())
-    images_labelled_est = int(vocab["n_images"].sum()) if len(vocab) else 0
-    try:
-        filtering.check_output(
-            int(sum(images_in.values())),
-            images_labelled_est,
-            len(vocab),
-            float(c["min_kept_fraction"]),
-            how,
-        )
-    except filtering.FilterError as exc:
-        spark.stop()
-        return fail(vstore, str(exc))
+    filtering.check_output(
+        int(sum(images_in.values())),
+        int(vocab["n_images"].sum()) if len(vocab) else 0,
+        len(vocab),
+        float(c["min_kept_fraction"]),
+        how,
+    )
+    return kept, vocab, len(counts_pd)
+
+
+def publish(spark, spec: dict, kept, vocab: pd.DataFrame, images_in: dict) -> tuple[str, int]:
+    """The vocabulary (class indices in entity-id order, names and descriptions from the KB)
+    and every shard's labels, each shard marked done; (vocabulary URI, images labelled)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
+
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import RunLayout
+    from pipeline_tasks.stages.kb.stage import load_kb
+    from pipeline_tasks.stages.vocab.stage import LABELS_SCHEMA, VOCAB_SCHEMA
+    from training.core import storage
+
     vocab["class_index"] = range(len(vocab))
     kb = load_kb(spec["kb_uri"]).select(["entity_id", "name", "description"]).to_pandas()
     vocab = vocab.merge(kb, on="entity_id", how="left")
@@ -250,17 +274,41 @@ def main(spec_path: str) -> int:
         )
         written = {r["shard"] for r in res}
         n_labelled = sum(r["n"] for r in res)
-    lstore = RunLayout(spec["run_uri"]).store(LABELS)
-    for shard, _ in files:  # shards where nothing survived still get (empty) labels and a marker
+    for shard, _ in spec["score_files"]:  # shards where nothing survived: empty labels, a marker
         if shard in written:
             continue
-        uri = RunLayout(spec["run_uri"]).output(LABELS, shard)
-        with storage.open_write(uri) as f:
-            pq.write_table(pa.Table.from_pylist([], schema=LABELS_SCHEMA), f)
         n = int(images_in.get(shard, 0))
         st = markers.ShardStats(n_in=n, n_out=0, drops={"no_entity_kept": n} if n else {})
-        markers.record_outputs(st, lstore.root, [uri])
-        lstore.mark_done(shard, st)
+        empty = pa.Table.from_pylist([], schema=LABELS_SCHEMA)
+        _publish_labels(spec, shard, empty, st, compression=None)
+    return vocab_file, n_labelled
+
+
+def main(spec_path: str) -> int:
+    from pyspark.sql import SparkSession
+
+    from pipeline_tasks.runtime import markers
+    from pipeline_tasks.runtime.layout import VOCAB, RunLayout
+    from pipeline_tasks.stages.vocab.filtering import FilterError
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    c = spec["config"]
+    t0 = time.time()
+    spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    vstore = RunLayout(spec["run_uri"]).store(VOCAB)
+    vstore.mark_running(markers.WHOLE_STAGE)
+    n_parts = max(1, min(len(spec["score_files"]), 2 * spark.sparkContext.defaultParallelism))
+    scores, pairs_in, images_in = read(spark, spec, n_parts)
+    weight = float(c["coherence_weight"]) if c["threshold_mode"] == "calibrated" else 0.0
+    try:
+        kept, calibration = calibrate(score_pairs(spark, spec, scores, n_parts, weight), c, weight)
+        kept, vocab, candidates = filter_vocab(kept, c, calibration, images_in)
+    except FilterError as exc:
+        spark.stop()
+        return fail(vstore, str(exc))
+    vocab_file, n_labelled = publish(spark, spec, kept, vocab, images_in)
     kept_pairs = int(kept.count())
     st = markers.ShardStats(
         n_in=int(pairs_in), n_out=kept_pairs, started_at=t0, finished_at=time.time()
@@ -277,7 +325,7 @@ def main(spec_path: str) -> int:
         "images_labelled": int(n_labelled),
         "calibration": calibration,
     }
-    vstore.mark_done("00000", st)
+    vstore.mark_done(markers.WHOLE_STAGE, st)
     print("MOFI_VOCAB", json.dumps(st.extra), flush=True)
     spark.stop()
     return 0

@@ -4,7 +4,7 @@ Scores each candidate pair (similarity plus visual coherence), keeps an image's 
 ``top_k`` above a threshold calibrated on the run's own scores (or an absolute one for a
 scorer of known scale), counts images per entity, drops entities seen too rarely, and
 assigns class indices in entity-id order (the same kept set always gives the same indices);
-see :mod:`pipeline_tasks.filtering` for each rule. An empty or collapsed output fails with
+see :mod:`.filtering` for each rule. An empty or collapsed output fails with
 a message naming the setting to change. Writes
 
 * ``RUN/vocab/vocab.parquet``: entity_id, name, description, n_images, class_index;
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import pyarrow as pa
 
@@ -24,15 +23,15 @@ from training.core import config as cfg
 from training.core import storage
 from training.core.i2e import VOCAB_FILE
 
+from ...runtime.executor import ShardTask, StageResult, stage_lease
+from ...runtime.layout import LABELS, SCORE, VOCAB, RunLayout
+from ...runtime.markers import WHOLE_STAGE, completed_shards
+from ...runtime.spark import SparkConfig, run_spark_stage
 from .filtering import FilterError
-from .runtime.executor import StageResult, stage_lease
-from .runtime.layout import LABELS, SCORE, VOCAB, RunLayout
-from .runtime.markers import verify_done
-from .runtime.spark import SparkConfig, run_spark_job
 
 STAGE = VOCAB
 LABELS_STAGE = LABELS
-JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spark_jobs", "vocab_job.py")
+JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.py")
 VOCAB_SCHEMA = pa.schema(
     [
         ("entity_id", pa.string()),
@@ -119,7 +118,7 @@ class VocabConfig(cfg.StageConfig):
 
 
 def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = True) -> StageResult:
-    from .kb import load_kb
+    from ..kb.stage import load_kb
 
     load_kb(kb_uri)
     storage.check_writable(run_uri)
@@ -129,88 +128,57 @@ def run_vocab(config: VocabConfig, run_uri: str, kb_uri: str, progress: bool = T
 
 
 def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bool) -> StageResult:
-    score_store = layout.store(SCORE)
-    plan = score_store.read_plan()
-    if not plan:
-        raise FileNotFoundError(
-            f"no score stage under {layout.stage_dir(SCORE)}: run `mofi score` first"
-        )
-    checked = verify_done(score_store, plan["shards"])
-    done = [s for s in plan["shards"] if checked[s] is None]
-    pending = [s for s in plan["shards"] if s not in done]
-    if pending:
-        raise FileNotFoundError(
-            f"score is not finished ({len(pending)} of {len(plan['shards'])} shards pending, e.g. "
-            f"{ {s: checked[s] for s in pending[:3]} }): finish `mofi score` first"
-        )
+    done = completed_shards(layout.store(SCORE), "score")
     vocab_dir, labels_dir = layout.stage_dir(STAGE), layout.stage_dir(LABELS_STAGE)
     vstore, lstore = layout.store(STAGE), layout.store(LABELS_STAGE)
     result = StageResult(stage=STAGE, out=vocab_dir, shards=len(done))
-    fingerprint = config.to_json()
-    saved = storage.join(vocab_dir, "vocab.config.json")
+    saved = storage.join(vocab_dir, VocabConfig.file_name())
     if (
-        vstore.is_done("00000")
+        vstore.is_done(WHOLE_STAGE)
         and storage.exists(saved)
-        and storage.read_text(saved).strip() != fingerprint.strip()
+        and storage.read_text(saved).strip() != config.to_json().strip()
     ):
         raise cfg.ConfigError(
             f"{vocab_dir} was built with another vocab config; use a new run URI or delete {vocab_dir} and {labels_dir}"
         )
-    vcheck = verify_done(vstore, ["00000"])["00000"]
-    lcheck = verify_done(lstore, done)
-    if vcheck is None and all(v is None for v in lcheck.values()):
-        result.extra.update(
-            skipped=True, vocab=layout.vocab_file, **(vstore.read_done("00000").extra or {})
-        )
-        return result
-    stale = {s: p for s, p in {"vocab": vcheck, **lcheck}.items() if p and p != "no done marker"}
-    if stale:  # a published file no longer matches its marker: the whole job runs again
-        result.redone.update(stale)
-    for s in done:
-        lstore.unmark_done(s)
-    vstore.unmark_done("00000")
-    vstore.write_plan(["00000"])
+    vstore.write_plan([WHOLE_STAGE])
     lstore.write_plan(done)
     config.save(vocab_dir)
-    spec = {
-        "score_files": [[s, layout.output(SCORE, s)] for s in done],
-        "embedding_files": [[s, layout.image_embeddings(s)] for s in done],
-        "kb_uri": kb_uri,
-        "run_uri": layout.root,
-        "config": config.to_dict(),
-    }
-    t0 = time.time()
-    try:
-        run_spark_job(
+
+    def spec(_todo: list[list[ShardTask]]) -> dict:
+        return {
+            "score_files": [[s, layout.output(SCORE, s)] for s in done],
+            "embedding_files": [[s, layout.image_embeddings(s)] for s in done],
+            "kb_uri": kb_uri,
+            "run_uri": layout.root,
+            "config": config.to_dict(),
+        }
+
+    try:  # the vocabulary and every shard's labels come from one job: redone together
+        run_spark_stage(
             JOB_SCRIPT,
-            spec,
             config.spark,
             STAGE,
-            lstore,
-            done,
-            progress,
+            [(lstore, [ShardTask(s) for s in done]), (vstore, [ShardTask(WHOLE_STAGE)])],
+            spec,
+            result,
             layout.local_work_dir(),
-            extra_stores=[(vstore, ["00000"])],
+            progress,
+            whole=True,
         )
     except RuntimeError as exc:
-        failed = vstore.read_all().get("00000", {})
+        failed = vstore.read_all().get(WHOLE_STAGE, {})
         if failed.get("state") == "failed" and failed.get("error", "").startswith("filter:"):
             # the job refused to publish an empty or untrustworthy output: say why, in one line
             raise FilterError(failed["error"][len("filter: ") :]) from exc
         raise
-    result.processed = len(done)
-    result.seconds = round(time.time() - t0, 2)
-    st = vstore.read_done("00000")
+    st = vstore.read_done(WHOLE_STAGE)
     if st is None:
         recs = vstore.read_all()
         raise RuntimeError(
-            f"vocab job finished without a vocabulary: {recs.get('00000', {}).get('error', 'no marker')}"
+            f"vocab job finished without a vocabulary: {recs.get(WHOLE_STAGE, {}).get('error', 'no marker')}"
         )
-    lrecs = lstore.read_all()
-    for s in done:
-        if lrecs.get(s, {}).get("state") != "done":
-            result.failed[s] = lrecs.get(s, {}).get("error") or "not finished"
-    result.extra.update(skipped=False, vocab=layout.vocab_file, **st.extra)
+    result.extra.update(skipped=not result.processed, vocab=layout.vocab_file, **(st.extra or {}))
     return result
 
 

@@ -23,17 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.core import config as cfg
-from training.core import storage
+from training.core import storage, tempfiles
 from training.core.i2e import I2ELayout
 
-from . import raw as raw_mod
-from .filtering import FilterError
-from .ner import planned_raw_shards
-from .runtime import markers
-from .runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
-from .runtime.layout import LABELS, WRITE, RunLayout
-from .runtime.markers import verify_done
-from .vocab import load_vocab
+from ...runtime import markers
+from ...runtime import raw as raw_mod
+from ...runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
+from ...runtime.layout import LABELS, WRITE, RunLayout
+from ...runtime.markers import completed_shards
+from ..ner.stage import planned_raw_shards
+from ..vocab.filtering import FilterError
+from ..vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
 STAGE = WRITE
@@ -200,19 +200,7 @@ def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
     run_uri = layout.root
     i2e = I2ELayout(i2e_uri)
     shards, problems = planned_raw_shards(layout, raw_uri)
-    lstore = layout.store(LABELS)
-    lplan = lstore.read_plan()
-    if not lplan:
-        raise FileNotFoundError(
-            f"no labels under {layout.stage_dir(LABELS)}: run `mofi vocab` first"
-        )
-    checked = verify_done(lstore, lplan["shards"])
-    not_done = {s: p for s, p in checked.items() if p is not None}
-    if not_done:
-        raise FileNotFoundError(
-            f"labels are incomplete ({len(not_done)} shards: {dict(list(not_done.items())[:3])}): "
-            "finish `mofi vocab` first"
-        )
+    labelled = completed_shards(layout.store(LABELS), "vocab")
     vocab = load_vocab(layout.vocab_file)
     n_classes = vocab.num_rows
     idx = vocab.column("class_index").to_pylist()
@@ -225,7 +213,7 @@ def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
     )
     tars = {s.shard: s.tar for s in shards}
     counts = []
-    for sid in sorted(lplan["shards"]):
+    for sid in sorted(labelled):
         if sid not in tars:
             problems[sid] = "labels_without_raw_tar"
             continue
@@ -259,7 +247,7 @@ def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
         ShardTask(o["out"], sum(b - a for _, a, b in o["parts"]), {"parts": o["parts"]})
         for o in outs
     ]
-    storage.clean_temp(i2e_uri)
+    tempfiles.clean_temp(i2e_uri)
     result = StageResult(stage=STAGE, out=i2e_uri, shards=len(outs), skipped_shards=problems)
     run_shards(stage, store, tasks, c.workers, only=only, progress=progress, result=result)
     if result.failed or not all(store.is_done(o["out"]) for o in outs):

@@ -63,3 +63,50 @@ def test_clear_errors_for_bad_input(tmp_path, picture_folder):
     assert r.returncode == 2 and "no knowledge base" in r.stderr and "Traceback" not in r.stderr
     r = mofi(*base, "--pairs", "0")
     assert r.returncode == 2 and "pairs" in r.stderr
+
+
+def test_named_flags_and_set_reach_the_config():
+    """A named flag stands for one config path; --set reaches any field, nested ones too, and
+    its value is parsed as the field's type."""
+    from pipeline_tasks.cli import build_parser
+    from pipeline_tasks.cli.common import pipeline_config, with_overrides
+    from pipeline_tasks.cli.stages import vocab_config
+    from training import recipes as train_recipes
+
+    args = build_parser().parse_args(
+        ["score", "--raw", "r", "--kb", "k", "--run", "x", "--batch-size", "9"]
+        + ["--set", "score.decode=threads", "--set", "vocab.spark.master=local[1]"]
+        + ["--set", "score.jpeg_draft=false", "--set", "kb.sources=vital,countries"]
+    )
+    c = pipeline_config(args)
+    assert (c.score.batch_size, c.score.decode, c.score.jpeg_draft) == (9, "threads", False)
+    assert c.vocab.spark.master == "local[1]" and c.kb.sources == ("vital", "countries")
+    args = build_parser().parse_args(["vocab", "--kb", "k", "--run", "x", "--threshold", "0.3"])
+    v = vocab_config(args)
+    assert (v.threshold, v.threshold_mode) == (0.3, "absolute")  # a threshold is absolute
+    args = build_parser().parse_args(
+        ["train", "--i2e", "i", "--out", "o", "--mode", "supervised", "--nnodes", "2"]
+        + ["--rdzv-endpoint", "head:29400"]
+        + ["--set", "optim.lr=0.5", "--set", "data.batch_size=3"]
+    )
+    t = with_overrides(train_recipes.get("cpu_test"), args)
+    assert (t.loss.mode, t.dist.nnodes, t.optim.lr, t.data.batch_size) == (
+        "supervised",
+        2,
+        0.5,
+        3,
+    )
+
+
+def test_a_bad_set_is_one_line_and_exit_2(tmp_path):
+    for assignment, says in (
+        ("score.nope=1", "ScoreConfig has no field 'nope'"),
+        ("score.batch_size=x", "invalid literal"),
+        ("score.batch_size=0", "must be >= 1"),
+        ("score=1", "a section, not a value"),
+        ("score.batch_size", "use PATH=VALUE"),
+    ):
+        r = mofi("score", "--raw", str(tmp_path), "--kb", str(tmp_path), "--run", str(tmp_path),
+                 "--set", assignment)  # fmt: skip
+        assert r.returncode == 2, (assignment, r.stderr)
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -11,6 +11,7 @@ from dashboard_trees import write_done, write_training
 from fastapi.testclient import TestClient
 
 from pipeline_tasks import cli
+from pipeline_tasks.cli import operations
 from pipeline_tasks.dashboard.app import create_app
 from pipeline_tasks.dashboard.config import DashboardConfig
 from pipeline_tasks.dashboard.results_reader import ResultsReader, masked
@@ -190,7 +191,7 @@ def test_config_from_env_and_validation(tmp_path):
         ["a", "s3://b/c"],
         "127.0.0.1",
         9,
-        cli.cmd_dashboard,
+        operations.cmd_dashboard,
     )
 
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from pipeline_tasks.demo import corpus
 from pipeline_tasks.demo import recipes as demo_recipes
+from pipeline_tasks.demo.corpus import render as corpus_render
+from pipeline_tasks.demo.corpus import stage as corpus_stage
 from pipeline_tasks.runtime import markers
 
 
@@ -147,7 +149,7 @@ def test_resume_rewrites_only_missing_shards(tmp_path, picture_folder, tiny_kb):
 
 def test_a_failing_shard_never_looks_complete(tmp_path, picture_folder, tiny_kb, monkeypatch):
     out = str(tmp_path / "raw")
-    real = corpus.render
+    real = corpus_stage.render
     failing = {"shard": None}
 
     def flaky(picture, rng, c):
@@ -155,14 +157,14 @@ def test_a_failing_shard_never_looks_complete(tmp_path, picture_folder, tiny_kb,
             raise OSError("disk full")
         return real(picture, rng, c)
 
-    real_process = corpus.CorpusStage.process
+    real_process = corpus_stage.CorpusStage.process
 
     def process(self, task, stats):
         failing["shard"] = task.shard
         return real_process(self, task, stats)
 
-    monkeypatch.setattr(corpus, "render", flaky)
-    monkeypatch.setattr(corpus.CorpusStage, "process", process)
+    monkeypatch.setattr(corpus_stage, "render", flaky)
+    monkeypatch.setattr(corpus_stage.CorpusStage, "process", process)
     c = _config(picture_folder, workers=1)
     res = corpus.build_corpus(c, out, tiny_kb, progress=False)
     assert list(res.failed) == ["00001"] and "disk full" in res.failed["00001"]
@@ -193,7 +195,7 @@ def test_corpus_to_s3(s3_bucket, tmp_path, picture_folder, tiny_kb):
 
 
 def test_render_varies_the_picture(picture_folder):
-    pic = corpus._load_picture(str(picture_folder / "fruit" / "apple.png"), 128)
+    pic = corpus_render.load_picture(str(picture_folder / "fruit" / "apple.png"), 128)
     c = demo_recipes.cpu_test()
-    outs = {corpus.render(pic, np.random.default_rng([0, 0, i]), c) for i in range(20)}
+    outs = {corpus_render.render(pic, np.random.default_rng([0, 0, i]), c) for i in range(20)}
     assert len(outs) == 20

@@ -13,7 +13,8 @@ import time
 import psutil
 import pytest
 
-from pipeline_tasks.orchestration.local_airflow import LocalAirflow, run_env
+from pipeline_tasks.demo.layout import DemoLayout
+from pipeline_tasks.orchestration.local_airflow import LocalAirflow
 from pipeline_tasks.runtime import markers, status
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def _free_port() -> int:
 def airflow(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("af_root")
     env = {
-        **run_env(str(root), [tiny_corpus["eval"]]),
+        **DemoLayout(str(root)).airflow_env([tiny_corpus["eval"]]),
         "MOFI_RAW": tiny_corpus["raw"],
         "MOFI_KB": tiny_corpus["kb"],
         "MOFI_BUILD_CONFIG": "cpu_test",

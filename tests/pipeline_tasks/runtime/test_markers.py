@@ -105,3 +105,23 @@ def test_done_marker_vouches_for_its_outputs(storage_root):
         "00000": "00000.parquet is missing",
         "00001": "no done marker",
     }
+
+
+def test_completed_shards_name_the_missing_stage_and_the_pending_shards(tmp_path):
+    store = markers.MarkerStore(str(tmp_path / "score"), "score")
+    with pytest.raises(FileNotFoundError, match="no score stage under .*run `mofi score` first"):
+        markers.completed_shards(store, "score")
+    store.write_plan(["00000", "00001"])
+    out = tmp_path / "score" / "00000.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"x" * 10)
+    st = markers.ShardStats()
+    markers.record_outputs(st, store.root, [str(out)])
+    store.mark_done("00000", st)
+    with pytest.raises(FileNotFoundError, match="1 of 2 shards pending.*00001"):
+        markers.completed_shards(store, "score")
+    store.mark_done("00001", markers.ShardStats())
+    assert markers.completed_shards(store, "score") == ["00000", "00001"]
+    out.write_bytes(b"x")  # a done marker that no longer matches its file is pending again
+    with pytest.raises(FileNotFoundError, match="00000.parquet has 1 bytes"):
+        markers.completed_shards(store, "score")

@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline_tasks import raw
-from pipeline_tasks.write import plan_output
+from pipeline_tasks.runtime import raw
+from pipeline_tasks.stages.write.stage import plan_output
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_tasks import kb
 from pipeline_tasks.runtime import markers
+from pipeline_tasks.stages.kb import stage as kb
 from training.core.config import ConfigError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline_tasks.linking import EntityLinker, LinkerConfig, clean_caption
+from pipeline_tasks.stages.ner.linking import EntityLinker, LinkerConfig, clean_caption
 
 KB = [
     {

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks import filtering
+from pipeline_tasks.stages.vocab import filtering
 
 
 def _pairs(rng, n_images=12, dim=5):

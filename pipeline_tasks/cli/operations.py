@@ -1,0 +1,111 @@
+"""Operating the system: shard status, the dashboard, the named configs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from training.core.config import ConfigError
+
+from .common import CONFIG_KINDS
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline_tasks.runtime import status
+
+    while True:
+        summaries = status.summarize_run(args.run)
+        if args.json:
+            print(status.to_json(args.run, summaries))
+        else:
+            print(status.render(summaries, args.run))
+        if not args.watch:
+            break
+        time.sleep(args.watch)
+        print()
+    return 1 if any(s["failed"] or s["invalid"] for s in summaries) else 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pipeline_tasks.dashboard.app import serve
+    from pipeline_tasks.dashboard.config import DashboardConfig
+
+    config = DashboardConfig(
+        roots=tuple(args.roots), results_url=args.results or "", refresh_s=args.refresh
+    )
+    print(f"dashboard: http://{args.host}:{args.port}/ (metrics at /metrics); Ctrl-C stops it")
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _named_config(name: str):
+    """(kind, config) for ``NAME`` (a pipeline config) or ``KIND:NAME`` (``train``, ...)."""
+    kind, _, short = name.rpartition(":")
+    if kind not in CONFIG_KINDS:
+        known = ", ".join(f"{k}:NAME" for k in CONFIG_KINDS if k)
+        raise ConfigError(f"unknown config kind {kind!r}: use NAME or {known}")
+    return kind, CONFIG_KINDS[kind][1]().get(short)
+
+
+def _list_configs() -> None:
+    for title, load in CONFIG_KINDS.values():
+        print(title)
+        for name, fn in load().RECIPES.items():
+            print(f"  {name:<12}{(fn.__doc__ or '').strip().splitlines()[0]}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        _list_configs()
+        return 0
+    kind, one = _named_config(args.name)
+    if args.action == "show":
+        print(one.to_json())
+        return 0
+    if kind:
+        stages = [(kind, one)] + [
+            (f.name, getattr(one, f.name))
+            for f in dataclasses.fields(one)
+            if hasattr(getattr(one, f.name), "describe")
+        ]
+    else:
+        stages = [(st.stage_name(), st) for st in one.stages()]
+    for label, stage in stages:
+        print(f"[{label}]  {(type(stage).__doc__ or '').strip().splitlines()[0]}")
+        for fname, _default, doc in type(stage).describe():
+            value = getattr(stage, fname)
+            shown = "(see below)" if hasattr(value, "describe") else repr(value)
+            print(f"  {fname:<24}{shown:<28}{doc}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("status", help="shard progress of a run, read from its markers")
+    s.add_argument("run", help="run or build root URI (stages are found at any depth below it)")
+    s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
+    s.add_argument(
+        "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
+    )
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser(
+        "dashboard", help="serve the shard-progress page, its JSON and /metrics (read-only)"
+    )
+    s.add_argument(
+        "--roots", nargs="+", required=True, metavar="URI", help="run roots (local or s3://)"
+    )
+    s.add_argument(
+        "--results",
+        default=None,
+        help="SQLAlchemy URL of the results store (default: $MOFI_RESULTS_URL or runs/results.sqlite)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--refresh", type=float, default=3.0, help="page refresh interval (seconds)")
+    s.set_defaults(fn=cmd_dashboard)
+
+    s = sub.add_parser("config", help="list, show or document the named configs")
+    s.add_argument("action", choices=["list", "show", "doc"])
+    s.add_argument("name", nargs="?", default="demo")
+    s.set_defaults(fn=cmd_config)

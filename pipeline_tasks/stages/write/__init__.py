@@ -1,0 +1,1 @@
+"""`mofi write`: the I2E WebDataset shards, their sidecars and manifest (``stage``)."""

@@ -10,6 +10,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 from .config import TrainConfig
@@ -32,8 +33,10 @@ def _local_addresses() -> set[str]:
     return names
 
 
-def check_rendezvous(endpoint: str, timeout_s: float = 5.0) -> None:
-    """A remote HOST:PORT must resolve and accept a TCP connection; a local one is hosted here."""
+def check_rendezvous(endpoint: str, wait_s: float = 300.0, timeout_s: float = 5.0) -> None:
+    """A remote HOST:PORT must resolve and accept a TCP connection within ``wait_s`` (the
+    node that hosts it may start a little later: the nodes' tasks start independently); a
+    local one is hosted here."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")
@@ -43,14 +46,18 @@ def check_rendezvous(endpoint: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"rendezvous host {host!r} does not resolve: {exc}") from exc
     if host in _local_addresses() or addrs & _local_addresses():
         return  # this node hosts the c10d store
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"rendezvous endpoint {endpoint} is unreachable ({exc}); start the node that hosts "
-            "it first, or check dist.rdzv_endpoint"
-        ) from exc
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return
+        except OSError as exc:
+            if time.time() >= deadline:
+                raise ConfigError(
+                    f"rendezvous endpoint {endpoint} is unreachable after {wait_s:.0f}s ({exc}); "
+                    "start the node that hosts it, or check dist.rdzv_endpoint"
+                ) from exc
+            time.sleep(2.0)
 
 
 def torchrun_command(config: TrainConfig, i2e: str, out: str, config_file: str) -> list[str]:
@@ -75,11 +82,7 @@ def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> di
         check_rendezvous(config.dist.rdzv_endpoint)
     storage.makedirs(out)
     layout = TrainLayout(out)
-    config_file = config.save(out, REQUEST_FILE)
-    if storage.is_s3(config_file):
-        raise ConfigError(
-            "--out must be a local or shared filesystem path for now (torchrun workers read the config file)"
-        )
+    config_file = config.save(out, REQUEST_FILE)  # every rank reads it (local or s3://)
     cmd = torchrun_command(config, i2e, out, config_file)
     m = info["manifest"]
     print(
@@ -92,9 +95,11 @@ def launch(config: TrainConfig, i2e: str, out: str, dry_run: bool = False) -> di
     if dry_run:
         print(" ".join(cmd))
         return {"rc": 0, "command": cmd}
-    # One run per --out: a second launcher is refused, naming this one; a dead launcher's
-    # lease expires. torchrun dies with this process, each rank with torchrun, each loader
-    # with its rank: a killed launcher never leaves ranks writing into --out.
-    with Lease(layout.lease, what="mofi train").acquire():
+    # One run per --out (per node and --out for a multi-node run: every node's launcher holds
+    # its own): a second launcher is refused, naming this one; a dead launcher's lease
+    # expires. torchrun dies with this process, each rank with torchrun, each loader with its
+    # rank: a killed launcher never leaves ranks writing into --out.
+    node = socket.gethostname() if config.dist.nnodes > 1 else None
+    with Lease(layout.lease_of(node), what="mofi train").acquire():
         rc = subprocess.call(cmd, preexec_fn=die_with_parent)
     return {"rc": rc, "command": cmd, "model": layout.model}

@@ -3,7 +3,7 @@
 ::
 
     OUT/train.request.json        the resolved config every rank reads (``mofi train``)
-    OUT/_lease.json               the run holding OUT (one training run per folder)
+    OUT/_lease[.NODE].json        the run (or node) holding OUT (one training run per folder)
     OUT/train.config.json         the config the run trained with
     OUT/checkpoints/step_N.pt     training states, atomic, resumable
     OUT/metrics.jsonl             one line per optimiser step (the dashboard's curves)
@@ -69,6 +69,10 @@ class TrainLayout:
     @property
     def lease(self) -> str:
         return self._at(LEASE_FILE)
+
+    def lease_of(self, node: str | None = None) -> str:
+        """The lease of the run (``node`` None), or of one node of a multi-node run."""
+        return self.lease if node is None else self._at(f"_lease.{node}.json")
 
     @property
     def checkpoints(self) -> str:

@@ -14,8 +14,8 @@
   ``checkpoint_every`` steps and at the end; a restarted run resumes from the newest one and
   reproduces the uninterrupted run (randomness is seeded from (seed, rank, step), data order
   from (seed, epoch)); ``OUT/model.pt``: the final model for evaluation and scoring;
-* logs: a progress bar, ``OUT/metrics.jsonl`` (one line per step), TensorBoard events in
-  ``OUT/tb``.
+* logs: a progress bar, ``OUT/metrics.jsonl`` (one line per step; on s3:// published with
+  every checkpoint), TensorBoard events in ``OUT/tb`` (local OUT).
 
 Nothing here imports Airflow, Spark or pipeline_tasks.
 """
@@ -31,11 +31,13 @@ if os.environ.get("TORCHELASTIC_RUN_ID"):  # first thing, before the slow import
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -47,7 +49,7 @@ from .config import TrainConfig
 from .core import config as cfg
 from .core import storage
 from .core.device import autocast, resolve_precision
-from .layout import CONFIG_FILE, TrainLayout
+from .layout import CONFIG_FILE, METRICS_LOG, TrainLayout
 from .losses import ShardedCosFaceHead, contrastive_loss, gather_shards
 from .model import DualEncoder, checkpoint_state, load_checkpoint, save_checkpoint
 from .modules import MofiTrainModule, param_groups
@@ -221,7 +223,29 @@ class Trainer:
         return len(self.plan), 0
 
     def _metrics_file(self) -> str:
-        return self.layout.metrics if not storage.is_s3(self.out_uri) else ""
+        """Where the steps are logged: OUT/metrics.jsonl, or for an s3:// OUT a local copy
+        that is published to OUT/metrics.jsonl with every checkpoint and at the end."""
+        if not storage.is_s3(self.out_uri):
+            return self.layout.metrics
+        key = hashlib.sha1(self.out_uri.encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), "mofi-train", key, METRICS_LOG)
+
+    def _fetch_metrics(self) -> None:
+        """An s3:// OUT: start the local copy from the published log (a resumed run)."""
+        if not storage.is_s3(self.out_uri):
+            return
+        path = self._metrics_file()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if storage.exists(self.layout.metrics):
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(self.layout.metrics))
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def _publish_metrics(self) -> None:
+        path = self._metrics_file()
+        if storage.is_s3(self.out_uri) and os.path.exists(path):
+            storage.publish_file(path, self.layout.metrics)
 
     def _trim_metrics(self) -> None:
         """After a resume, drop lines for steps the resumed run will redo."""
@@ -279,6 +303,7 @@ class Trainer:
             c.save(self.out_uri, CONFIG_FILE)
         self.maybe_resume()
         if self.info.is_main:
+            self._fetch_metrics()
             self._trim_metrics()
         if self.info.is_main and c.tensorboard and not storage.is_s3(self.out_uri):
             from torch.utils.tensorboard import SummaryWriter
@@ -353,6 +378,8 @@ class Trainer:
                     t_log, n_log = now, 0
                 if self.step % c.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
+                    if self.info.is_main:
+                        self._publish_metrics()
                 if self.step >= self.total_steps or self.step >= sum(self.plan[: epoch + 1]):
                     break
             del loader
@@ -361,6 +388,8 @@ class Trainer:
         if self.writer:
             self.writer.close()
         result = self.export()
+        if self.info.is_main:
+            self._publish_metrics()
         dist_mod.barrier(self.info)
         return {**result, **last}
 

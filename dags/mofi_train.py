@@ -71,12 +71,28 @@ def eval_command(model: str, folder: str, run_id: str, out: str = "") -> str:
             enum=list(recipes.RECIPES),
             description="named training config (mofi config list)",
         ),
-        "nnodes": Param(1, type="integer", minimum=1, description="nodes (one train task each)"),
+        "nnodes": Param(
+            int(os.environ.get("MOFI_TRAIN_NNODES") or 1),
+            type="integer",
+            minimum=1,
+            description="nodes: one train task each, on the queue train (one per trainer host)",
+        ),
         "nproc_per_node": Param(
-            0, type="integer", minimum=0, description="processes per node (0: the config's)"
+            int(os.environ.get("MOFI_TRAIN_NPROC_PER_NODE") or 0),
+            type="integer",
+            minimum=0,
+            description="processes per node (0: the config's)",
         ),
         "rdzv_endpoint": Param(
-            "", type="string", description="HOST:PORT of the c10d rendezvous (nnodes > 1)"
+            os.environ.get("MOFI_TRAIN_RDZV_ENDPOINT", ""),
+            type="string",
+            description="HOST:PORT of the c10d rendezvous (nnodes > 1): a trainer host's",
+        ),
+        "epochs": Param(
+            int(os.environ.get("MOFI_TRAIN_EPOCHS") or 0),
+            type="integer",
+            minimum=0,
+            description="epochs (0: the config's)",
         ),
         "images": Param(
             os.environ.get("MOFI_EVAL_IMAGES", ""),
@@ -121,9 +137,10 @@ def mofi_train():
 
         return resolve_i2e_uri(explicit, triggering_asset_events)
 
-    @task.bash(queue="gpu", execution_timeout=timedelta(hours=72))
+    @task.bash(queue="train", execution_timeout=timedelta(hours=72))
     def train(node: int) -> str:
         dist = (
+            "{% if params.epochs %} --epochs {{ params.epochs }}{% endif %}"
             "{% if params.nproc_per_node %} --nproc-per-node {{ params.nproc_per_node }}{% endif %}"
             "{% if params.nnodes > 1 %} --nnodes {{ params.nnodes }}"
             " --rdzv-endpoint {{ params.rdzv_endpoint }}{% endif %}"

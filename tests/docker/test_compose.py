@@ -701,7 +701,24 @@ def test_gpu_worker_reserves_nvidia_devices_and_has_cuda_torch(services):
         worker = [
             c for c in _by_program({name: svc}, "airflow")[name] if c[:2] == ["celery", "worker"]
         ]
-        assert worker and "gpu" in worker[0][worker[0].index("--queues") + 1].split(","), worker
+        queues = worker[0][worker[0].index("--queues") + 1].split(",") if worker else []
+        assert {"gpu", "train"} & set(queues), (name, worker)
+    served = {
+        q
+        for name in gpu
+        for c in _by_program({name: services[name]}, "airflow")[name]
+        if c[:2] == ["celery", "worker"]
+        for q in c[c.index("--queues") + 1].split(",")
+    }
+    assert {"gpu", "train"} <= served, served  # scoring and training both have GPU workers
+    trainer = [
+        c
+        for name in gpu
+        for c in _by_program({name: services[name]}, "airflow")[name]
+        if c[:2] == ["celery", "worker"] and "train" in c[c.index("--queues") + 1].split(",")
+    ]
+    # one training node per host: a trainer takes one train task at a time
+    assert trainer and all(c[c.index("--concurrency") + 1] == "1" for c in trainer), trainer
     instructions = _dockerfile_instructions(_dockerfile_path(services[gpu[0]]))
     args = dict(r.split("=", 1) for w, r in instructions if w == "ARG" and "=" in r)
     script = " ".join(r for w, r in instructions if w == "RUN")

@@ -15,11 +15,12 @@ RESULTS ?= sqlite:///$(abspath $(RUN))/results.sqlite
 KEEP ?=
 AIRFLOW_PORT ?=
 AIRFLOW_ARGS := $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
-# Debian packages the tests drive: Chromium (the dashboard's browser test) and docker-compose
-# (validates docker/compose.yaml; no Docker engine needed)
-SYSTEM_PACKAGES := chromium docker-compose
+# Debian packages the tests drive: Chromium (the dashboard's browser test), docker-compose
+# (validates docker/compose.yaml; no Docker engine needed), and the servers `make cluster`
+# runs on its hosts: PostgreSQL and Redis (SeaweedFS comes from PyPI, Spark with pyspark)
+SYSTEM_PACKAGES := chromium docker-compose postgresql redis-server
 
-.PHONY: setup system verify demo demo-cli airflow-up airflow-down test test-fast chaos bench lint format clean distclean lock
+.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench lint format clean distclean lock
 
 setup: system $(STAMP)
 
@@ -27,17 +28,21 @@ system:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	test -x /usr/lib/postgresql/15/bin/postgres || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  echo "== installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): requirements.txt requirements-lock.txt pyproject.toml
+$(STAMP): requirements.txt requirements-lock.txt pyproject.toml docker/requirements-deploy.txt
 	@echo "== creating $(VENV) and installing the pinned stack (first time: several minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
+	@# the deployment's Celery executor and Postgres drivers (make cluster runs them)
+	$(PIP) install -r docker/requirements-deploy.txt
 	@# the Spark provider's pyspark-client overwrites pyspark's files: restore pyspark 4.3.0
 	$(PIP) install --no-deps --force-reinstall pyspark==4.3.0
 	$(PIP) install --no-deps --no-build-isolation -e .
@@ -68,6 +73,12 @@ airflow-up: setup
 
 airflow-down:
 	$(VENV)/bin/mofi airflow down --run $(RUN)
+
+# The deployment's shape on this machine (needs root): head and two worker hosts in network
+# namespaces, the services of docker/compose.yaml, the pipeline across them with three faults;
+# writes runs/cluster/report.json. KEEP=1 leaves it up (it prints every address and login).
+cluster: setup
+	$(VENV)/bin/mofi cluster --out runs/cluster $(if $(KEEP),--keep)
 
 test: setup
 	$(PY) -m pytest -q

@@ -78,7 +78,7 @@ airflow-down:
 # namespaces, the services of docker/compose.yaml, the pipeline across them with three faults;
 # writes runs/cluster/report.json. KEEP=1 leaves it up (it prints every address and login).
 cluster: setup
-	$(VENV)/bin/mofi cluster --out runs/cluster $(if $(KEEP),--keep)
+	$(VENV)/bin/mofi -q cluster --out runs/cluster $(if $(KEEP),--keep)
 
 test: setup
 	$(PY) -m pytest -q

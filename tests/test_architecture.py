@@ -8,6 +8,8 @@
 * a stage (``pipeline_tasks.stages.<stage>``) imports only the stages before it (the order of
   ``runtime.layout.STAGES``) and ``pipeline_tasks.runtime``; the runtime imports no stage;
 * nothing imports the CLI;
+* production code never imports ``pipeline_tasks.cluster`` (the deployment run on namespace
+  hosts, a user of the system like the demo); only ``mofi cluster`` loads it;
 * no module is over 500 lines, no function over 100.
 
 Imports are read from the source (every ``import`` statement, also inside functions), so a
@@ -171,3 +173,11 @@ def test_modules_and_functions_stay_small():
                     if n > 100:
                         big.append(f"{module}.{node.name}: {n} lines")
     assert big == []
+
+
+def test_production_code_never_imports_the_cluster_run():
+    cluster = {m for m in _modules("pipeline_tasks") if m.startswith("pipeline_tasks.cluster")}
+    allow = cluster | {"pipeline_tasks.cli.operations"}
+    assert _violations("pipeline_tasks", ("pipeline_tasks.cluster",), allow) == []
+    for package in ("training", "evaluation", "dags"):
+        assert _violations(package, ("pipeline_tasks.cluster",)) == []

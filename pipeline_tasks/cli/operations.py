@@ -80,6 +80,34 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import json
+    import signal
+
+    from pipeline_tasks.cluster import scenario
+
+    def interrupted(signum, frame):  # SIGTERM too: the run's cleanup runs on the way out
+        raise KeyboardInterrupt
+
+    if args.stop:
+        from pipeline_tasks.cluster import hosts
+
+        print(f"cluster: removed {', '.join(hosts.cleanup()) or 'nothing (not running)'}")
+        return 0
+    signal.signal(signal.SIGTERM, interrupted)
+    s = scenario.Settings(
+        args.out, pairs=args.pairs, stamps=args.stamps, epochs=args.epochs, keep=args.keep
+    )
+    report = scenario.run(s)
+    print(scenario.render(report))
+    print(f"cluster: report -> {args.out}/report.json")
+    failed = [k for k in scenario.CHECKS if not report.get(k)]
+    if failed:
+        print(f"cluster: failed checks: {failed}; {json.dumps(report.get('faults'))[:2000]}")
+        return 1
+    return 0
+
+
 def add_commands(sub) -> None:
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run or build root URI (stages are found at any depth below it)")
@@ -104,6 +132,20 @@ def add_commands(sub) -> None:
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--refresh", type=float, default=3.0, help="page refresh interval (seconds)")
     s.set_defaults(fn=cmd_dashboard)
+
+    s = sub.add_parser(
+        "cluster",
+        help="the deployment on network-namespace hosts (root): the pipeline across them, faults",
+    )
+    s.add_argument("--out", default="runs/cluster", help="hosts' folders and report.json")
+    s.add_argument("--pairs", type=int, default=256, help="corpus size")
+    s.add_argument("--epochs", type=int, default=8, help="training epochs")
+    s.add_argument(
+        "--stamps", default=None, help="picture folder (default: the demo's tuxpaint stamps)"
+    )
+    s.add_argument("--keep", action="store_true", help="leave it running (prints addresses)")
+    s.add_argument("--stop", action="store_true", help="stop a kept deployment and remove it")
+    s.set_defaults(fn=cmd_cluster)
 
     s = sub.add_parser("config", help="list, show or document the named configs")
     s.add_argument("action", choices=["list", "show", "doc"])

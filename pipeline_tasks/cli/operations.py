@@ -84,6 +84,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     import json
     import signal
 
+    from pipeline_tasks.cluster import report as report_mod
     from pipeline_tasks.cluster import scenario
 
     def interrupted(signum, frame):  # SIGTERM too: the run's cleanup runs on the way out
@@ -99,9 +100,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         args.out, pairs=args.pairs, stamps=args.stamps, epochs=args.epochs, keep=args.keep
     )
     report = scenario.run(s)
-    print(scenario.render(report))
+    print(report_mod.render(report))
     print(f"cluster: report -> {args.out}/report.json")
-    failed = [k for k in scenario.CHECKS if not report.get(k)]
+    failed = [k for k in report_mod.CHECKS if not report.get(k)]
     if failed:
         print(f"cluster: failed checks: {failed}; {json.dumps(report.get('faults'))[:2000]}")
         return 1

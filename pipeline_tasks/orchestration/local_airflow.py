@@ -129,7 +129,9 @@ class LocalAirflow:
             "AIRFLOW__API__SECRET_KEY": self._secret("api_secret"),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": os.path.join(self.home, "logs"),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(dag_bundles(self.dag_folders)),
+            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
+                dag_bundles(self.dag_folders)
+            ),
         }
         # Spark stages read the Airflow connection spark_default: local[*] unless the
         # environment points it elsewhere (spark://, yarn, k8s://)

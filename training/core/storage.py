@@ -83,7 +83,9 @@ def s3_client():
 
             # no max_attempts here: boto3 then takes AWS_MAX_ATTEMPTS from the environment
             retries = {} if os.environ.get("AWS_RETRY_MODE") else {"mode": "standard"}
-            client = boto3.client(
+            # a session of its own: boto3's default session keeps the first credentials
+            # it resolved, so a process that moves to another endpoint would sign for the old
+            client = boto3.session.Session().client(
                 "s3",
                 config=Config(
                     retries=retries,

@@ -211,3 +211,23 @@ def test_a_reused_pid_keeps_no_dead_writers_temp_files(tmp_path):
     assert tempfiles.temp_owner(str(stale))["pid"] == me  # the pid alone says: alive
     assert tempfiles.clean_temp(str(tmp_path)) == 1
     assert os.path.exists(ours) and not stale.exists()
+
+
+def test_a_new_client_reads_the_credentials_the_environment_has_now(monkeypatch):
+    """A process that points at another S3 server (new endpoint and keys, then
+    ``_clients.clear()``) must sign with the new keys: boto3's default session caches the
+    first credentials it resolved, which once made the cluster run sign for moto's."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    storage._clients.clear()
+    first = storage.s3_client()._request_signer._credentials.get_frozen_credentials()
+    assert first.access_key == "first-key"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "second-secret")
+    storage._clients.clear()
+    second = storage.s3_client()._request_signer._credentials.get_frozen_credentials()
+    storage._clients.clear()
+    assert (second.access_key, second.secret_key) == ("second-key", "second-secret")
+

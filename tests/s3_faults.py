@@ -3,7 +3,9 @@
 Clients (boto3 through ``AWS_ENDPOINT_URL``) talk to the proxy; it forwards each request to
 moto over real HTTP, except when a rule matches: then it answers ``500 InternalError``,
 answers only after a delay, or reads the request and closes the connection without an
-answer (a connection dropped mid-upload). Rules match on the method and on a substring of
+answer (a connection dropped mid-upload), or forwards the request, lets the server apply
+it and then closes the connection without passing the answer on (``lost``: the write
+happened, the client cannot know), or answers a given S3 error (``error``: status, code). Rules match on the method and on a substring of
 the path and query (``uploadId=`` for a multipart part, ``partNumber=``...), fire a given
 number of times (or with a probability from a seeded RNG), and count what they did.
 
@@ -26,6 +28,13 @@ ERROR_500 = (
 )
 
 
+def _error(code: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+        f"<Message>{code}</Message></Error>"
+    ).encode()
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         import sys
@@ -36,13 +45,18 @@ class _QuietServer(ThreadingHTTPServer):
 
 @dataclasses.dataclass
 class Rule:
-    kind: str  # "500", "slow", "drop"
+    kind: str  # "500", "error" (status, code), "slow", "drop", "lost"
     method: str = ""  # "" matches any
     path_has: str = ""  # substring of path + query
+    header: str = ""  # a request header that must be present ("If-Match")
     times: int = 1  # fire this many times (0: use probability)
     probability: float = 0.0
     delay_s: float = 0.0
+    status: int = 500  # kind "error": the answer's status and S3 error code
+    code: str = "InternalError"
     fired: int = 0
+    # "lost": the status codes the server answered the requests whose answer was dropped
+    applied: list[int] = dataclasses.field(default_factory=list)
 
 
 class FaultProxy:
@@ -63,17 +77,18 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                rule = proxy._match(self.command, self.path)
+                rule = proxy._match(self.command, self.path, self.headers)
                 if rule is not None and rule.kind == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                if rule is not None and rule.kind == "500":
-                    self.send_response(500)
+                if rule is not None and rule.kind in ("500", "error"):
+                    body = ERROR_500 if rule.kind == "500" else _error(rule.code)
+                    self.send_response(rule.status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(ERROR_500)))
+                    self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(ERROR_500)
+                    self.wfile.write(body)
                     return
                 if rule is not None and rule.kind == "slow":
                     time.sleep(rule.delay_s)
@@ -85,6 +100,13 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if rule is not None and rule.kind == "lost":
+                    with proxy.lock:
+                        rule.applied.append(resp.status)
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 self.send_response(resp.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's: keep it
                 for k, v in resp.getheaders():
@@ -107,13 +129,15 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _match(self, method: str, path: str) -> Rule | None:
+    def _match(self, method: str, path: str, headers=None) -> Rule | None:
         with self.lock:
             self.requests += 1
             for r in self.rules:
                 if r.method and r.method != method:
                     continue
                 if r.path_has and r.path_has not in path:
+                    continue
+                if r.header and (headers is None or r.header not in headers):
                     continue
                 if r.times:
                     if r.fired >= r.times:

@@ -345,13 +345,35 @@ class _S3Writer(io.RawIOBase):
         else:
             if self.buf:
                 self._upload_part(bytes(self.buf))
+            self._complete(client)
+        self.buf = bytearray()
+
+    def _complete(self, client) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
             client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=self.key,
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": self.parts},
             )
-        self.buf = bytearray()
+        except ClientError as exc:
+            # a retry after the answer to an applied completion was lost finds no upload:
+            # the object there, with the ETag of exactly our parts, is our completion
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            etag = client.head_object(Bucket=self.bucket, Key=self.key)["ETag"].strip('"')
+            if etag != self._multipart_etag():
+                raise
+            self.upload_id = None  # completed: nothing left to abort
+
+    def _multipart_etag(self) -> str:
+        """S3's ETag of a multipart object: md5 of the parts' md5s, dash, the part count."""
+        import hashlib
+
+        digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in self.parts)
+        return f"{hashlib.md5(digests).hexdigest()}-{len(self.parts)}"
 
     def abort(self) -> None:
         if self.upload_id is not None:

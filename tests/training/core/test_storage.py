@@ -231,3 +231,24 @@ def test_a_new_client_reads_the_credentials_the_environment_has_now(monkeypatch)
     storage._clients.clear()
     assert (second.access_key, second.secret_key) == ("second-key", "second-secret")
 
+
+def test_a_lease_whose_link_reported_failure_after_linking_is_ours(tmp_path, monkeypatch):
+    """Over NFS a ``link`` can succeed on the server and fail on the client (the retried
+    call finds the name taken). The writer reads back: its own file there is a win."""
+    from training.core.lease import Lease
+
+    real_link, made = os.link, []
+
+    def link_then_lose_the_answer(src, dst):
+        real_link(src, dst)
+        made.append(dst)
+        raise FileExistsError(17, "File exists", dst)
+
+    monkeypatch.setattr(os, "link", link_then_lose_the_answer)
+    uri = str(tmp_path / "_lease.json")
+    lease = Lease(uri, what="nfs").acquire()
+    monkeypatch.undo()
+    assert made == [uri]  # the fault happened: the link was made, the call said it was not
+    assert lease.held and lease.read()["token"] == lease.token
+    lease.release()
+    assert not os.path.exists(uri)

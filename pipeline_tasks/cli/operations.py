@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 from training.core.config import ConfigError
@@ -29,13 +30,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from pipeline_tasks.dashboard.app import serve
+    from pipeline_tasks.dashboard.auth import TokenError, check_bind, load_token
     from pipeline_tasks.dashboard.config import DashboardConfig
 
     config = DashboardConfig(
         roots=tuple(args.roots), results_url=args.results or "", refresh_s=args.refresh
     )
-    print(f"dashboard: http://{args.host}:{args.port}/ (metrics at /metrics); Ctrl-C stops it")
-    serve(config, host=args.host, port=args.port)
+    try:
+        token = load_token(args.token_file)
+        check_bind(args.host, token)
+    except TokenError as exc:
+        print(f"mofi dashboard: {exc}", file=sys.stderr)
+        return 2
+    guarded = " (token required)" if token else ""
+    print(
+        f"dashboard: http://{args.host}:{args.port}/{guarded} (metrics at /metrics); "
+        "Ctrl-C stops it"
+    )
+    serve(config, host=args.host, port=args.port, token=token)
     return 0
 
 
@@ -129,7 +141,18 @@ def add_commands(sub) -> None:
         default=None,
         help="SQLAlchemy URL of the results store (default: $MOFI_RESULTS_URL or runs/results.sqlite)",
     )
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; any other needs a token)",
+    )
+    s.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="require this token (first line of FILE; else $MOFI_DASHBOARD_TOKEN): "
+        "Authorization: Bearer TOKEN, or open /?token=TOKEN once in a browser",
+    )
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--refresh", type=float, default=3.0, help="page refresh interval (seconds)")
     s.set_defaults(fn=cmd_dashboard)

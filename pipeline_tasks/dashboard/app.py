@@ -12,7 +12,8 @@ inside Airflow):
 * ``/metrics``: Prometheus exposition format (:mod:`.metrics`).
 
 :func:`create_app` takes extra FastAPI dependencies for every route: the Airflow plugin
-passes Airflow's authentication there; ``mofi dashboard`` passes none and binds 127.0.0.1.
+passes Airflow's authentication there; ``mofi dashboard`` passes its token check
+(:mod:`.auth`) when it has a token, and without one binds loopback only.
 """
 
 from __future__ import annotations
@@ -123,8 +124,17 @@ def create_app(
     return app
 
 
-def serve(config: DashboardConfig, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve the app with uvicorn until interrupted (``mofi dashboard``)."""
+def serve(
+    config: DashboardConfig, host: str = "127.0.0.1", port: int = 8765, token: str = ""
+) -> None:
+    """Serve the app with uvicorn until interrupted (``mofi dashboard``). Any address but
+    loopback needs a ``token`` (:func:`.auth.check_bind`)."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    from .auth import check_bind, guard
+
+    check_bind(host, token)
+    app = create_app(config)
+    if token:
+        guard(app, token)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -156,10 +156,17 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
     if not storage.exists(uri):
         raise FileNotFoundError(f"no checkpoint at {uri}")
     with storage.open_read(uri) as f:
+        head = f.read(4)
+        if not head:
+            raise cfg.ConfigError(f"checkpoint {uri} is empty (0 bytes)")
+        if head != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise cfg.ConfigError(f"{uri} is not a PyTorch checkpoint (not a zip archive)")
+        f.seek(0)
         try:
             payload = torch.load(f, map_location=map_location, weights_only=True)
         except Exception as exc:  # pickle errors, truncated files
-            raise cfg.ConfigError(f"{uri} is not a readable checkpoint: {exc}") from exc
+            cause = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise cfg.ConfigError(f"{uri} is not a readable checkpoint: {cause}") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "kind" not in payload:
         raise cfg.ConfigError(f"{uri} is not a mofi checkpoint (no kind/state_dict)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:

@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(0 if args.quiet else args.verbose)
+    from training.core.inputs import InputError
     from training.core.storage import StorageError
 
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, StorageError) as exc:
+    except (ConfigError, InputError, FileNotFoundError, StorageError) as exc:
         # bad input, configuration or storage (unreachable endpoint, no permission): one line
         msg = " ".join(str(exc).split())
         print(f"mofi {args.cmd}: error: {msg}", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import Any
 
 from training.core import storage
 from training.core.config import ConfigError
+from training.core.inputs import InputError
 
 MAX_MAP = 1024  # Airflow's default max_map_length
 BASELINE = "packaged"  # the backbone every machine has: the train DAG's baseline model
@@ -93,7 +94,7 @@ def baseline_metrics_template(layout_expr: str, folder: str) -> str:
 
 def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
     from .. import recipes
-    from ..runtime.raw import discover
+    from ..runtime.raw import check_shards, discover
     from ..stages.kb.stage import load_kb
 
     recipes.get(params["config"])  # an unknown config names the known ones
@@ -102,11 +103,12 @@ def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
         shards, bad = discover(params["raw"])
         if not shards:
             problems.append(f"raw {params['raw']}: no complete shard ({bad})")
-    except FileNotFoundError as exc:
+        check_shards(shards)
+    except (FileNotFoundError, InputError) as exc:
         problems.append(str(exc))
     try:
         load_kb(params["kb"])
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, ConfigError, InputError) as exc:
         problems.append(str(exc))
     threshold = params.get("threshold")
     if threshold is not None and not -1.0 <= float(threshold) <= 1.0:

@@ -54,6 +54,23 @@ def discover(raw_uri: str) -> tuple[list[RawShard], dict[str, str]]:
     return shards, problems
 
 
+RAW_COLUMNS = ("key", "caption")
+
+
+def check_shards(shards: list[RawShard]) -> None:
+    """Before any work: each shard's Parquet is whole and has ``key`` and ``caption``, each
+    tar is a whole tar archive (first header, end-of-archive blocks). A damaged file is an
+    :class:`~training.core.inputs.InputError` naming it; damage inside a whole tar (a bad
+    member, a corrupt image) stays a counted skip of that sample."""
+    from training.core.inputs import check_all, check_parquet, check_tar
+
+    checks: list[tuple] = []
+    for s in shards:
+        checks.append((check_parquet, s.parquet, RAW_COLUMNS, f"raw shard {s.shard}'s Parquet"))
+        checks.append((check_tar, s.tar, f"raw shard {s.shard}'s tar"))
+    check_all(checks)
+
+
 def safe_member_name(name: str) -> bool:
     if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         return False

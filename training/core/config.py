@@ -77,7 +77,16 @@ class StageConfig:
 
     @classmethod
     def load(cls: type[T], uri: str) -> T:
-        return cls.from_dict(storage.read_json(uri))
+        from .inputs import InputError, check_json
+
+        what = f"{cls.__name__} file"
+        doc = check_json(uri, what)
+        if not isinstance(doc, dict):
+            raise InputError(f"{what} {uri} holds a JSON {type(doc).__name__}, not an object")
+        try:
+            return cls.from_dict(doc)
+        except (ConfigError, TypeError) as exc:
+            raise InputError(f"{what} {uri}: {' '.join(str(exc).split())}") from None
 
     def save(self, out_root: str, name: str | None = None) -> str:
         uri = storage.join(out_root, name or self.file_name())

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from training.core import config as cfg
 from training.core import storage
+from training.core.inputs import check_parquet
 
 from ...runtime import markers
 from ...runtime.executor import stage_lease
@@ -189,9 +190,6 @@ def load_kb(kb_uri: str) -> pa.Table:
         raise FileNotFoundError(
             f"no knowledge base at {uri}: build one with `mofi kb --out {kb_uri}`"
         )
+    check_parquet(uri, REQUIRED_COLUMNS, what="knowledge base")
     with storage.open_read(uri) as f:
-        table = pq.read_table(f)
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise cfg.ConfigError(f"{uri}: KB lacks column(s) {missing}")
-    return table
+        return pq.read_table(f)

@@ -48,6 +48,7 @@ def run_ner(
 
     load_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
     shards, problems = raw_mod.discover(raw_uri)
+    raw_mod.check_shards(shards)
     storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
     store = layout.store(STAGE)

@@ -355,8 +355,12 @@ def dashboard_complete(stack: Stack, bucket: str) -> bool:
     """The dashboard, on the head, over the S3 root: every stage of the version complete."""
     import urllib.request
 
+    import secrets
+
     head = stack.hosts["head"]
-    env = {**stack.base_env(head), **stack.services[("head", "airflow-apiserver")].env}
+    token = secrets.token_hex(16)  # bound beyond loopback: the dashboard wants a token
+    env = {**stack.base_env(head), **stack.services[("head", "airflow-apiserver")].env,
+           "MOFI_DASHBOARD_TOKEN": token}  # fmt: skip
     p = head.popen(
         [sys.executable, "-m", "pipeline_tasks.cli", "-q", "dashboard", "--roots",
          f"s3://{bucket}/i2e", "--host", head.address, "--port", "8765"],
@@ -366,8 +370,11 @@ def dashboard_complete(stack: Stack, bucket: str) -> bool:
         deadline = time.time() + 120
         while time.time() < deadline:
             with contextlib.suppress(OSError, ValueError):
-                url = f"http://{head.address}:8765/api/runs"
-                snap = json.loads(urllib.request.urlopen(url, timeout=30).read())
+                req = urllib.request.Request(
+                    f"http://{head.address}:8765/api/runs",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                snap = json.loads(urllib.request.urlopen(req, timeout=30).read())
                 stages = [st for r in snap["runs"] for st in r["stages"]]
                 return bool(stages) and all(st["complete"] for st in stages)
             time.sleep(1)

@@ -86,8 +86,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# The full chaos suite (kills at random points over several seeds, S3 faults); `make test`
-# runs its quick subset.
+# The full chaos suite (kills mid-shard in every stage over several seeds, concurrent runs,
+# S3 faults with lost answers); `make test` runs its quick subset (score and write, seed 0).
 chaos: setup
 	MOFI_CHAOS=full $(PY) -m pytest -q -m chaos
 

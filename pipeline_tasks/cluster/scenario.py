@@ -353,9 +353,8 @@ def results_rows(stack: Stack, run_id: str) -> int:
 
 def dashboard_complete(stack: Stack, bucket: str) -> bool:
     """The dashboard, on the head, over the S3 root: every stage of the version complete."""
-    import urllib.request
-
     import secrets
+    import urllib.request
 
     head = stack.hosts["head"]
     token = secrets.token_hex(16)  # bound beyond loopback: the dashboard wants a token

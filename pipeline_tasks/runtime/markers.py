@@ -135,6 +135,12 @@ class _Heartbeats:
         with self._lock:
             self._live.pop(uri, None)
 
+    def record(self, uri: str) -> dict[str, Any] | None:
+        """This process's claim record for ``uri`` (None when it holds none)."""
+        with self._lock:
+            rec = self._live.get(uri)
+            return dict(rec) if rec else None
+
     def _run(self) -> None:
         while True:
             time.sleep(HEARTBEAT_S)
@@ -256,8 +262,14 @@ class MarkerStore:
         storage.delete(uri)
 
     def mark_done(self, shard: str, stats: ShardStats) -> None:
+        """The done marker names its one writer: the process and the token of the claim it
+        held (from when to when), so exactly-once work can be shown from the markers."""
+        claim = HEARTBEATS.record(self._uri(shard, "running")) or self._running_record(shard)
+        writer = {k: claim.get(k) for k in ("host", "pid", "proc_start", "token")}
+        writer.update(claimed_at=claim.get("started_at"), done_at=time.time())
         storage.write_json(
-            self._uri(shard, "done"), {"shard": shard, "state": "done", "stats": stats.to_dict()}
+            self._uri(shard, "done"),
+            {"shard": shard, "state": "done", "stats": stats.to_dict(), "writer": writer},
         )
         storage.delete(self._uri(shard, "failed"))
         self.release(shard)

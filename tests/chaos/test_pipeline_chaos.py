@@ -27,7 +27,7 @@ from pipeline_tasks.runtime import markers, status
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 FULL = os.environ.get("MOFI_CHAOS") == "full"
 SEEDS = list(range(3)) if FULL else [int(os.environ.get("MOFI_CHAOS_SEED", "0"))]
-STAGES = ["ner", "score", "vocab", "write"] if FULL else ["score"]
+STAGES = ["ner", "score", "vocab", "write"] if FULL else ["score", "write"]
 SKIP_NAMES = ("_info.json",)  # records the run's own paths
 
 
@@ -111,32 +111,59 @@ def reference(tiny_corpus, tmp_path_factory):
     }
 
 
+# stage -> (the marker store that claims the shard, the shard's output), relative to the test
+# folder; {shard} is filled in per seed
+TARGETS = {
+    "ner": ("run/ner/_markers/ner", "run/ner/{shard}.parquet"),
+    "score": ("run/score/_markers/score", "run/score/{shard}.parquet"),
+    "vocab": ("run/labels/_markers/labels", "run/labels/{shard}.parquet"),
+    "write": ("i2e/_markers/write", "i2e/{shard}.tar"),
+}
+
+
+def _temps_of(path) -> list[str]:
+    d, name = os.path.split(str(path))
+    return (
+        sorted(f for f in os.listdir(d) if f.startswith(f".{name}.tmp-"))
+        if os.path.isdir(d)
+        else []
+    )
+
+
 @pytest.mark.parametrize("stage,seed", [(s, k) for s in STAGES for k in SEEDS])
-def test_kill_9_during_a_stage_then_rerun(reference, tiny_corpus, tmp_path, stage, seed):
-    rng = random.Random(f"{stage}:{seed}")
+def test_kill_9_mid_shard_then_rerun(reference, tiny_corpus, tmp_path, stage, seed):
+    """The build is stopped (a failpoint) with a shard claimed and its output written under
+    its temporary name, not yet published; proven so, then every process is SIGKILLed, the
+    claim and the temp file are shown still there, and the rerun must give the reference."""
+    shard = random.Random(f"{stage}:{seed}").choice(["00000", "00001", "00002", "00003"])
+    markers_rel, out_rel = TARGETS[stage]
+    claim = tmp_path / markers_rel / f"{shard}.running.json"
+    output = tmp_path / out_rel.format(shard=shard)
     run, i2e = tmp_path / "run", tmp_path / "i2e"
-    watched = _marker_dir(
-        i2e if stage == "write" else run / stage, "labels" if stage == "vocab" else stage
-    )
-    proc = subprocess.Popen(
-        _build(tiny_corpus, run, i2e),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (os.path.isdir(watched) and os.listdir(watched)) and time.time() < deadline:
-        assert proc.poll() is None, "the build ended before the stage started"
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))
-    assert proc.poll() is None, f"the build finished before the kill (stage {stage})"
-    killed = _kill_group(proc)
-    assert killed >= 1
-    assert not (i2e / "sizes.json").exists() or stage != "write"
+    log = tmp_path / "build.log"
+    env = {**os.environ, "MOFI_FAILPOINTS": f"publish:{out_rel.format(shard=shard)}=pause"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(_build(tiny_corpus, run, i2e), stdout=subprocess.DEVNULL,
+                                stderr=err, env=env, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    try:  # (for ner and vocab the failpoint's own message goes to Spark's log)
+        while not (claim.exists() and _temps_of(output)):
+            assert proc.poll() is None, f"ended before the failpoint: {log.read_text()[-2000:]}"
+            assert time.time() < deadline, "the failpoint was never reached"
+            time.sleep(0.1)
+        time.sleep(1.0)  # held there, not passing through: still claimed, still unpublished
+        temps = _temps_of(output)
+        held = json.loads(claim.read_text())
+        assert held["shard"] == shard and temps and not output.exists()
+    finally:
+        killed = _kill_group(proc) if proc.poll() is None else 0
+    assert killed >= 2  # the driver and the process that was writing (a worker, an executor)
+    assert claim.exists() and json.loads(claim.read_text())["token"] == held["token"]
+    assert _temps_of(output) == temps and not output.exists()  # the kill left them as they were
     rerun = subprocess.run(_build(tiny_corpus, run, i2e), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _digests(run, i2e) == reference["digests"]
-    _assert_clean(str(tmp_path))
+    _assert_clean(str(tmp_path))  # no temp file, no claim left; pairs in = kept + dropped
     assert _assert_unique_keys(i2e) == reference["n"]
 
 
@@ -159,76 +186,99 @@ def test_two_builds_on_one_root(reference, tiny_corpus, tmp_path):
 
 
 def test_two_writers_into_one_output(reference, tiny_corpus, tmp_path):
+    """The second `mofi write` runs while the first is held mid-shard (a failpoint: shard
+    claimed, tar written under its temp name): it is refused at once, naming the first;
+    the first, let go, writes the reference bytes."""
     run = tmp_path / "run"
     shutil.copytree(reference["run"], run)
     i2e = tmp_path / "i2e"
-    cmd = _cli(
-        "write",
-        "--raw",
-        tiny_corpus["raw"],
-        "--run",
-        str(run),
-        "--out",
-        str(i2e),
-        "--config",
-        "cpu_test",
-        "--no-progress",
-    )
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lease = os.path.join(_marker_dir(i2e, "write"), "_lease.json")
-    while not os.path.exists(lease) and first.poll() is None:
-        time.sleep(0.01)
+    cmd = _cli("write", "--raw", tiny_corpus["raw"], "--run", str(run), "--out", str(i2e),
+               "--config", "cpu_test", "--no-progress")  # fmt: skip
+    go, log = tmp_path / "go", tmp_path / "first.log"
+    env = {**os.environ, "MOFI_FAILPOINTS": f"publish:i2e/00001.tar=wait:{go}"}
+    with open(log, "w") as err:
+        first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    claim = i2e / "_markers" / "write" / "00001.running.json"
+    deadline = time.time() + 300
+    while not ("failpoint publish" in log.read_text() and claim.exists()):
+        assert first.poll() is None, log.read_text()[-2000:]
+        assert time.time() < deadline, "the first writer never reached its failpoint"
+        time.sleep(0.05)
+    assert _temps_of(i2e / "00001.tar")  # mid-shard, proven
     second = subprocess.run(cmd, capture_output=True, text=True)
-    rc = first.wait(timeout=300)
-    assert rc == 0, first.stderr.read()[-2000:]
-    # the second either found the stage held (and said by whom) or came after the first
-    assert second.returncode == 0 or "is held by" in second.stderr, second.stderr[-2000:]
+    assert first.poll() is None  # the first was still there, held, the whole time
+    go.touch()
+    assert first.wait(timeout=300) == 0, log.read_text()[-2000:]
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert "is held by" in second.stderr and f"pid {first.pid} " in second.stderr, second.stderr
     assert _digests(i2e) == {k: v for k, v in reference["digests"].items() if k.startswith("i2e/")}
     _assert_clean(str(tmp_path))
 
 
+def _tree(proc: subprocess.Popen) -> set[int]:
+    p = psutil.Process(proc.pid)
+    return {proc.pid, *(c.pid for c in p.children(recursive=True))}
+
+
+def _result_line(out: str, stage: str) -> dict:
+    line = next(x for x in out.splitlines() if x.startswith(f"{stage}: {{"))
+    return json.loads(line[len(stage) + 2 :])
+
+
 def test_mapped_score_batches_share_the_stage(reference, tiny_corpus, tmp_path):
     """Two `mofi score --shards` at once (as two mapped Airflow tasks), overlapping on one
-    shard: each shard is scored by exactly one of them; the scores equal the reference."""
+    shard. Both are held at a failpoint with a shard claimed each, so the overlap is seen,
+    not hoped for; then each shard is scored by exactly one of them and equals the reference."""
     run = tmp_path / "run"
     shutil.copytree(reference["run"] / "ner", run / "ner")
     shutil.copytree(reference["run"] / "scorer", run / "scorer")
-    base = _cli(
-        "score",
-        "--raw",
-        tiny_corpus["raw"],
-        "--kb",
-        tiny_corpus["kb"],
-        "--run",
-        str(run),
-        "--config",
-        "cpu_test",
-        "--no-progress",
-    )
+    base = _cli("score", "--raw", tiny_corpus["raw"], "--kb", tiny_corpus["kb"], "--run",
+                str(run), "--config", "cpu_test", "--no-progress")  # fmt: skip
     prep = subprocess.run([*base, "--prepare"], capture_output=True, text=True)
     assert prep.returncode == 0, prep.stderr[-2000:]
-    a = subprocess.Popen(
-        [*base, "--shards", "00000,00001,00002"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    b = subprocess.Popen(
-        [*base, "--shards", "00002,00003"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    outs = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in (a, b)]
-    for rc, _out, err in outs:
-        assert rc in (0, 1), err[-2000:]
-        if rc == 1:  # only ever because the other held the shared shard
-            assert "being processed by" in err and "00002" in err, err[-2000:]
+    go = tmp_path / "go"
+    procs, logs = {}, {}
+    for name, shards, held in (("a", "00000,00001,00002", "00001"), ("b", "00002,00003", "00003")):
+        env = {**os.environ, "MOFI_FAILPOINTS": f"publish:score/{held}.parquet=wait:{go}"}
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "w") as err:
+            procs[name] = subprocess.Popen([*base, "--shards", shards], env=env,
+                                           stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+    deadline = time.time() + 600
+    while not all("failpoint publish" in logs[n].read_text() for n in procs):
+        for n, p in procs.items():
+            assert p.poll() is None, (
+                f"{n} ended before its failpoint: {logs[n].read_text()[-2000:]}"
+            )
+        assert time.time() < deadline, "the failpoints were never reached"
+        time.sleep(0.1)
+    # the overlap, seen at one instant: each process holds its claim, neither is published
     store = markers.MarkerStore(str(run / "score"), "score")
-    assert all(store.is_complete(s) for s in ("00000", "00001", "00003"))
-    if not store.is_complete("00002"):  # the holder finished it, or the busy one redoes it
-        again = subprocess.run([*base, "--shards", "00002"], capture_output=True, text=True)
-        assert again.returncode == 0, again.stderr[-2000:]
+    held = {
+        n: json.loads(open(store._uri(s, "running")).read())
+        for n, s in (("a", "00001"), ("b", "00003"))
+    }
+    assert held["a"]["pid"] in _tree(procs["a"]) and held["b"]["pid"] in _tree(procs["b"])
+    go.touch()
+    outs = {n: (p.wait(timeout=600), p.stdout.read()) for n, p in procs.items()}
+    results = {n: _result_line(out, "score") for n, (_, out) in outs.items()}
+    for n, (rc, _) in outs.items():
+        busy = results[n]["busy"]
+        assert (rc == 0 or busy) and set(busy) <= {"00002"}, (n, rc, results[n])
+    # exactly once: one writer per shard in its done marker, the shared shard busy for the other
+    writers = {s: json.loads(open(store._uri(s, "done")).read())["writer"] for s in
+               ("00000", "00001", "00002", "00003")}  # fmt: skip
+    assert (
+        writers["00001"]["pid"] == held["a"]["pid"] and writers["00003"]["pid"] == held["b"]["pid"]
+    )
+    shared = writers["00002"]["pid"]
+    winner = "a" if shared == held["a"]["pid"] else "b"
+    assert shared == held[winner]["pid"]
+    loser = "b" if winner == "a" else "a"
+    assert set(results[loser]["busy"]) == {"00002"} and not results[winner]["busy"]
+    # and from their own timestamps: both held claims at the same time
+    a, b = writers["00001"], writers["00003"]
+    assert max(a["claimed_at"], b["claimed_at"]) < min(a["done_at"], b["done_at"])
     for sid in ("00000", "00001", "00002", "00003"):
         got = open(run / "score" / f"{sid}.parquet", "rb").read()
         assert hashlib.sha256(got).hexdigest() == reference["digests"][f"run/score/{sid}.parquet"]

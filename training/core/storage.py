@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
+from . import failpoints
 from .tempfiles import TEMP_MARK, is_temp_name, owner_tag, temp_name_for
 
 S3_PART_SIZE = 8 * 1024 * 1024  # S3 wants >= 5 MiB for all parts but the last
@@ -397,6 +398,7 @@ def open_write(uri: str, content_type: str | None = None) -> Iterator[IO[bytes]]
         except BaseException:
             writer.abort()
             raise
+        failpoints.hit("publish", uri)
         try:
             with _s3_errors(uri):
                 writer.commit()
@@ -413,6 +415,7 @@ def open_write(uri: str, content_type: str | None = None) -> Iterator[IO[bytes]]
         f.flush()
         os.fsync(f.fileno())
         f.close()
+        failpoints.hit("publish", uri)
         os.replace(tmp, uri)
     except BaseException:
         f.close()

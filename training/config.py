@@ -104,6 +104,16 @@ class DualEncoderConfig(cfg.StageConfig):
         self._check(self.proj in ("linear", "mlp", "none"), "proj", "linear, mlp or none")
         self._check(self.image_size == 0 or self.image_size >= 32, "image_size", "0 or >= 32")
 
+    def random_init_towers(self) -> list[str]:
+        """The towers that start from a random initialisation (``openclip:ARCH`` without a
+        checkpoint): WiSE-FT has nothing to mix them with."""
+        towers = (("image", self.image_tower), ("text", self.text_tower))
+        return [
+            f"the {kind} tower {name!r}"
+            for kind, name in towers
+            if name.startswith("openclip:") and len(name.split(":", 2)) < 3
+        ]
+
 
 @dataclasses.dataclass
 class OptimConfig(cfg.StageConfig):

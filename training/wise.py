@@ -29,13 +29,11 @@ def initial_tower_state(config) -> dict[str, torch.Tensor]:
     (and the image projection's, when it starts as the identity)."""
     from .model import DualEncoder
 
-    for kind, name in (("image", config.image_tower), ("text", config.text_tower)):
-        if name.startswith("openclip:") and len(name.split(":", 2)) < 3:
-            raise ValueError(
-                f"WiSE-FT: the {kind} tower {name!r} started from a random initialisation; "
-                "there are no pretrained weights to mix with (use openclip:ARCH:/path/to/ckpt "
-                "or a packaged tower)"
-            )
+    for tower in config.random_init_towers():
+        raise ValueError(
+            f"WiSE-FT: {tower} started from a random initialisation; there are no pretrained "
+            "weights to mix with (use openclip:ARCH:/path/to/ckpt or a packaged tower)"
+        )
     init = DualEncoder(config, pretrained_towers=True)
     keep = TOWERS + ((IDENTITY_PROJ,) if config.image_proj_init == "identity" else ())
     return {k: v for k, v in init.state_dict().items() if k.startswith(keep)}

@@ -123,7 +123,7 @@ def check_train_params(params: dict[str, Any]) -> None:
     from evaluation.layout import CLASSES_FILE
     from training import recipes as train_recipes
 
-    train_recipes.get(params["config"])
+    recipe = train_recipes.get(params["config"])
     problems = []
     if not params.get("root"):
         problems.append("params.root is empty: set MOFI_TRAIN_ROOT in the deployment or pass root")
@@ -140,6 +140,12 @@ def check_train_params(params: dict[str, Any]) -> None:
     val = params.get("val", "")
     if val and not storage.list_files(val, suffix=".jpg"):
         problems.append(f"validation folder {val} has no images")
+    if val and recipe.model.random_init_towers():  # WiSE-FT would fail after training
+        problems.append(
+            f"params.val asks for WiSE-FT, but in config {params['config']!r} "
+            f"{' and '.join(recipe.model.random_init_towers())} starts from a random "
+            "initialisation: nothing to mix with; leave val empty or use a pretrained config"
+        )
     alphas = params.get("wise_alphas", "0,1")
     try:
         bad = [a for a in alphas.split(",") if not 0.0 <= float(a) <= 1.0]

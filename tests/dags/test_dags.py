@@ -179,7 +179,7 @@ def test_the_train_dag_checks_its_validation_params(tmp_path):
     from training.core.config import ConfigError
 
     good = {
-        "config": "cpu_test",
+        "config": "demo",
         "root": str(tmp_path / "train"),
         "images": make_eval_folder(tmp_path / "eval"),
         "val": make_eval_folder(tmp_path / "val", seed=5),
@@ -189,6 +189,10 @@ def test_the_train_dag_checks_its_validation_params(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="validation folder .*empty has no images"):
         check_train_params({**good, "val": str(tmp_path / "empty")})
+    # WiSE-FT of random-init towers would fail only after training: refused first
+    with pytest.raises(ConfigError, match="'cpu_test' the image tower .* random init"):
+        check_train_params({**good, "config": "cpu_test"})
+    check_train_params({**good, "config": "cpu_test", "val": ""})
     for bad in ("0,1.5", "0,x"):
         with pytest.raises(ConfigError, match="wise_alphas .*in \\[0, 1\\]"):
             check_train_params({**good, "wise_alphas": bad})
@@ -308,3 +312,38 @@ def test_train_dag_trains_evaluates_and_posts(tmp_path, migrated_db):
     assert states["evaluate_baseline"] == "skipped"
     rows = read_results(db)
     assert len(rows) == 1 and 0 < rows[0]["metrics"]["map"] <= 1
+
+
+@pytest.mark.slow
+def test_train_dag_with_a_validation_folder_runs_wise_ft(tmp_path, migrated_db):
+    """params.val set: WiSE-FT's curve on the validation folder, the mix at the chosen alpha
+    evaluated and posted beside the fine-tuned model; the baseline too when asked. (Until
+    this test ran it, wise_ft with the test config failed only after training, three times.)"""
+    from airflow.dag_processing.dagbag import DagBag
+    from mofi_testdata import make_eval_folder, make_i2e
+
+    from evaluation.results import read_results
+
+    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_train"]
+    db = f"sqlite:///{tmp_path}/results.sqlite"
+    run = dag.test(
+        run_conf={
+            "i2e": make_i2e(tmp_path / "i2e"),
+            "root": str(tmp_path / "train"),
+            "config": "demo",  # pretrained (packaged) towers: WiSE-FT has weights to mix
+            "images": make_eval_folder(tmp_path / "eval"),
+            "val": make_eval_folder(tmp_path / "val", seed=5),
+            "wise_alphas": "0,0.5,1",
+            "baseline": True,
+            "results": db,
+        }
+    )
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "success", states
+    assert {states[t] for t in ("train", "evaluate", "wise_ft", "evaluate_wise",
+                                "evaluate_baseline")} == {"success"}  # fmt: skip
+    (run_dir,) = os.listdir(tmp_path / "train")
+    files = {f for _, _, fs in os.walk(tmp_path / "train" / run_dir) for f in fs}
+    assert "model.pt" in files and any("wise" in f for f in files), sorted(files)
+    models = sorted(r["model"] for r in read_results(db))
+    assert len(models) == 3 and any("wise" in m for m in models), models

@@ -121,6 +121,16 @@ TARGETS = {
 }
 
 
+# what a build has done before it reaches the stage: copied from the reference, so the run
+# that is killed starts at its stage (the build resumes past done stages, verifying them)
+BEFORE = {
+    "ner": (),
+    "score": ("ner",),
+    "vocab": ("ner", "scorer", "score"),
+    "write": ("ner", "scorer", "score", "labels", "vocab"),
+}
+
+
 def _temps_of(path) -> list[str]:
     d, name = os.path.split(str(path))
     return (
@@ -140,6 +150,8 @@ def test_kill_9_mid_shard_then_rerun(reference, tiny_corpus, tmp_path, stage, se
     claim = tmp_path / markers_rel / f"{shard}.running.json"
     output = tmp_path / out_rel.format(shard=shard)
     run, i2e = tmp_path / "run", tmp_path / "i2e"
+    for done in BEFORE[stage]:
+        shutil.copytree(reference["run"] / done, run / done)
     log = tmp_path / "build.log"
     env = {**os.environ, "MOFI_FAILPOINTS": f"publish:{out_rel.format(shard=shard)}=pause"}
     with open(log, "w") as err:

@@ -160,7 +160,9 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
         if not head:
             raise cfg.ConfigError(f"checkpoint {uri} is empty (0 bytes)")
         if head != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise cfg.ConfigError(f"{uri} is not a PyTorch checkpoint (not a zip archive)")
+            raise cfg.ConfigError(
+                f"{uri} is not a readable checkpoint (not a torch.save zip archive)"
+            )
         f.seek(0)
         try:
             payload = torch.load(f, map_location=map_location, weights_only=True)

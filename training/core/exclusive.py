@@ -48,6 +48,22 @@ def _ours(uri: str, data: bytes) -> bool:
     return mine
 
 
+def _conditional_put(uri: str, data: bytes, **condition: str) -> bool:
+    """One conditional PUT (``IfNoneMatch`` or ``IfMatch``): True when it landed, also when
+    its answer was lost (our bytes read back); False when refused; else the error."""
+    bucket, key = split_s3(uri)
+    try:
+        with _s3_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        return True
+    except StorageError as exc:
+        if _ours(uri, data):
+            return True
+        if _refused(exc):
+            return False
+        raise
+
+
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Publish ``data`` at ``uri`` only if nothing is there; False when something is.
 
@@ -56,17 +72,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     conditional PUT (``If-None-Match: *``). ``data`` must be unique to this writer (a
     token in it): a refusal is read back, and our own bytes there are a win."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            with _s3_errors(uri):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except StorageError as exc:
-            if _ours(uri, data):
-                return True
-            if _refused(exc):
-                return False
-            raise
+        return _conditional_put(uri, data, IfNoneMatch="*")
     parent = os.path.dirname(os.path.abspath(uri))
     os.makedirs(parent, exist_ok=True)
     tmp = temp_name_for(os.path.abspath(uri))
@@ -102,16 +108,7 @@ def replace_if_unchanged(uri: str, expected: Any, data: bytes) -> bool:
             return create_exclusive(uri, data)
         if current != expected:
             return False
-        try:
-            with _s3_errors(uri):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=head["ETag"])
-            return True
-        except StorageError as exc:
-            if _ours(uri, data):
-                return True
-            if _refused(exc):
-                return False
-            raise
+        return _conditional_put(uri, data, IfMatch=head["ETag"])
     grave = temp_name_for(os.path.abspath(uri))
     try:
         os.rename(uri, grave)  # only one taker can move it away

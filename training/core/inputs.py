@@ -32,23 +32,19 @@ def _size(uri: str, what: str) -> int:
     return n
 
 
-def _read_range(uri: str, start: int, length: int) -> bytes:
-    with storage.open_read(uri) as f:
-        f.seek(start)
-        return f.read(length)
-
-
 def check_parquet(uri: str, columns: Sequence[str] = (), what: str = "Parquet file"):
     """The file's Arrow schema; InputError unless it is a whole Parquet file with ``columns``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = _size(uri, what)
-    if _read_range(uri, n - 4, 4) != b"PAR1" or n < 12:
+    tail = storage.read_range(uri, max(0, n - 8), 8)
+    footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
+    if n < 12 or tail[-4:] != b"PAR1" or not 0 < footer_len <= n - 12:
         raise InputError(f"{what} {uri} is not Parquet or is truncated (no Parquet footer)")
-    try:
-        with storage.open_read(uri) as f:
-            schema = pq.read_schema(f)
+    footer = storage.read_range(uri, n - 8 - footer_len, footer_len + 8)
+    try:  # the footer alone, behind a magic: pyarrow reads only the metadata
+        schema = pq.read_schema(pa.BufferReader(b"PAR1" + footer))
     except (pa.ArrowException, OSError, ValueError) as exc:
         msg = " ".join(str(exc).split())[:200]
         raise InputError(f"{what} {uri} is a damaged Parquet file: {msg}") from None
@@ -62,7 +58,7 @@ def check_tar(uri: str, what: str = "tar shard") -> None:
     """InputError unless ``uri`` is a tar archive that ends with its end-of-archive blocks
     (a truncated download lacks them)."""
     n = _size(uri, what)
-    head = _read_range(uri, 0, TAR_BLOCK)
+    head = storage.read_range(uri, 0, TAR_BLOCK)
     if head.strip(b"\0"):
         try:
             tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
@@ -70,7 +66,7 @@ def check_tar(uri: str, what: str = "tar shard") -> None:
             raise InputError(f"{what} {uri} is not a tar archive") from None
     if n % TAR_BLOCK:
         raise InputError(f"{what} {uri} is truncated ({n} bytes, not whole 512-byte blocks)")
-    if n < 2 * TAR_BLOCK or _read_range(uri, n - 2 * TAR_BLOCK, 2 * TAR_BLOCK).strip(b"\0"):
+    if n < 2 * TAR_BLOCK or storage.read_range(uri, n - 2 * TAR_BLOCK, 2 * TAR_BLOCK).strip(b"\0"):
         raise InputError(f"{what} {uri} is truncated (no end-of-archive blocks)")
 
 

@@ -252,3 +252,36 @@ def test_a_lease_whose_link_reported_failure_after_linking_is_ours(tmp_path, mon
     assert lease.held and lease.read()["token"] == lease.token
     lease.release()
     assert not os.path.exists(uri)
+
+
+def test_input_checks_by_ranged_reads_on_local_and_s3(storage_root):
+    """The input checks read the Parquet footer and the tar's first and last blocks through
+    ``storage.read_range`` (a ranged GET on S3): a whole file passes, a truncated one is
+    named."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.core.inputs import InputError, check_parquet, check_tar
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["b"]}), buf)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"abc"))
+    pq_uri, tar_uri = storage.join(storage_root, "s.parquet"), storage.join(storage_root, "s.tar")
+    storage.write_bytes(pq_uri, buf.getvalue())
+    storage.write_bytes(tar_uri, tar.getvalue())
+    assert check_parquet(pq_uri, ("key", "caption")).names == ["key", "caption"]
+    check_tar(tar_uri)
+    assert storage.read_range(tar_uri, 512, 3) == b"abc"
+    storage.write_bytes(pq_uri, buf.getvalue()[:-3])
+    storage.write_bytes(tar_uri, tar.getvalue()[:1024])
+    with pytest.raises(InputError, match="s.parquet is not Parquet or is truncated"):
+        check_parquet(pq_uri)
+    with pytest.raises(InputError, match="s.tar is truncated"):
+        check_tar(tar_uri)

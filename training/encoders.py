@@ -42,7 +42,9 @@ class Encoder:
     fingerprint: str  # names the weights (keys the entity-embedding cache)
     info: dict[str, Any]
     encode_image: Callable[[Any], Any]  # float NCHW batch -> the model's image embedding
-    encode_text: Callable[[list[str]], Any] | None  # None: the model has no text tower
+    # texts -> embeddings; fixed_shape=True pads to one token length (batch-invariant bits);
+    # None: the model has no text tower
+    encode_text: Callable[..., Any] | None
     normalized: bool  # the embeddings come L2-normalised (our dual encoders normalise)
     # (embedding, visual features): a dual encoder's visual features are its image tower's
     image_and_visual: Callable[[Any], tuple[Any, Any]] | None = None
@@ -113,8 +115,9 @@ def from_dual_encoder(model, spec: str, fingerprint: str, info: dict[str, Any], 
     """An in-memory dual encoder of ours (a checkpoint, or weights made on the fly: WiSE-FT)."""
     model = model.to(device).eval()
 
-    def encode_text(texts: list[str]):
-        return model.encode_text({k: v.to(device) for k, v in model.tokenize(texts).items()})
+    def encode_text(texts: list[str], fixed_shape: bool = False):
+        tokens = model.tokenize(texts, fixed_length=fixed_shape)
+        return model.encode_text({k: v.to(device) for k, v in tokens.items()})
 
     def image_and_visual(x):
         tower = model.image_features(x)
@@ -151,7 +154,10 @@ def _open_clip(arch_spec: str, device) -> Encoder:
         fingerprint=oc.fingerprint(),
         info={"pretrained": oc.pretrained or "random init", "fingerprint": oc.fingerprint()},
         encode_image=model.encode_image,
-        encode_text=lambda texts: model.encode_text(oc.tokenizer(texts).to(device)),
+        # open_clip tokenizers always pad to the context length: every shape is fixed
+        encode_text=lambda texts, fixed_shape=False: model.encode_text(
+            oc.tokenizer(texts).to(device)
+        ),
         normalized=False,
     )
 

@@ -95,8 +95,8 @@ class DualEncoder(nn.Module):
             self.text_tower.eval()
         return self
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.text_tower.tokenize(texts)
+    def tokenize(self, texts: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts, fixed_length)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Tower output before projection."""

@@ -78,9 +78,16 @@ class MiniLMTextTower(nn.Module):
             )
         self.max_length = max_length
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        """Token ids and mask, padded to the batch's longest text, or with ``fixed_length`` to
+        ``max_length`` (every batch the same shape: a text's embedding then does not depend
+        on the texts batched with it, measured bit for bit on CPU)."""
         enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts,
+            padding="max_length" if fixed_length else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -121,8 +128,8 @@ class OpenClipTextTower(nn.Module):
             else model.transformer.width
         )
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return {"text": self.tokenizer(texts)}
+    def tokenize(self, texts: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        return {"text": self.tokenizer(texts)}  # always the model's context length
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return self.net.encode_text(text)

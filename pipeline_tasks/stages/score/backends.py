@@ -69,14 +69,21 @@ class ScorerBackend:
         v = v.float()
         return f, v if on_device else v.cpu()
 
-    def encode_texts(self, texts: list[str]):
+    def encode_texts(self, texts: list[str], pad_to: int = 0):
+        """L2-normalised text embeddings. ``pad_to`` > 0: every forward pass has one shape
+        (``pad_to`` texts of one token length, the batch filled with empty texts), so a text's
+        embedding is the same bits whichever texts share its batch: an entity embedded in an
+        incremental rebuild equals the one a from-scratch build embeds."""
         import torch
 
         from training.core.device import autocast
 
+        n = len(texts)
+        if pad_to:
+            texts = list(texts) + [""] * max(0, pad_to - n)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            f = self.encoder.encode_text(texts)
-        return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
+            f = self.encoder.encode_text(texts, fixed_shape=bool(pad_to))
+        return torch.nn.functional.normalize(f[:n].float(), dim=-1).cpu()
 
 
 def checkpoint_uri(c: ScoreConfig, run_uri: str) -> str:

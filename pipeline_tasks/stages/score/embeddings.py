@@ -55,7 +55,8 @@ def embed_entities(
     for s in range(0, len(todo), step):
         chunk = todo[s : s + step]
         flat = [p for _, i in chunk for p in texts[i]]
-        emb = backend.encode_texts(flat).view(len(chunk), len(c.prompts), -1).mean(dim=1)
+        emb = backend.encode_texts(flat, pad_to=step * len(c.prompts))
+        emb = emb.view(len(chunk), len(c.prompts), -1).mean(dim=1)
         emb = torch.nn.functional.normalize(emb, dim=-1).numpy().astype(np.float32)
         for (k, _), e in zip(chunk, emb, strict=True):
             cached[k] = e

@@ -22,10 +22,16 @@ class ConfigError(ValueError):
     """A config value is impossible; the message says which and what is allowed."""
 
 
-def field(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
+def field(
+    default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None, output: bool = True
+) -> Any:
+    """A documented config field. ``output=False`` marks a field that changes how a stage runs
+    (devices, workers, memory) but never what it writes: :meth:`StageConfig.output_fingerprint`
+    leaves it out, so changing it does not invalidate outputs an incremental rebuild reuses."""
+    meta = {"doc": doc, "output": output}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
@@ -65,6 +71,25 @@ class StageConfig:
         return json.dumps(
             {"config_class": type(self).__name__, **self.to_dict()}, indent=2, sort_keys=True
         )
+
+    def output_dict(self) -> dict[str, Any]:
+        """The fields that can change what the stage writes (nested configs included)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("output", True):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = v.output_dict() if isinstance(v, StageConfig) else v
+        return out
+
+    def output_fingerprint(self) -> str:
+        """A short hash of :meth:`output_dict`: part of an incremental rebuild's reuse key."""
+        import hashlib
+
+        doc = json.dumps(
+            {"config_class": type(self).__name__, **self.output_dict()}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:

@@ -310,6 +310,19 @@ def sha256(uri: str) -> str:
     return h.hexdigest()
 
 
+def content_id(uri: str) -> str:
+    """What a file's bytes are, cheaply: ``sha256:HEX`` of a local file (streamed), and on S3
+    ``etag:ETAG:SIZE`` from one HEAD (the server's checksum; nothing is downloaded). Other
+    bytes always give another id; the same bytes uploaded again in other multipart sizes may
+    give another id too, which only costs a redo."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri):
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        return f"etag:{head['ETag'].strip(chr(34))}:{int(head['ContentLength'])}"
+    return f"sha256:{sha256(uri)}"
+
+
 # -------------------------------------------------------------------------- writes
 
 
@@ -387,6 +400,42 @@ def publish_file(local_file: str, uri: str) -> None:
     tmp = temp_name_for(os.path.abspath(uri))
     shutil.copyfile(local_file, tmp)
     os.replace(tmp, uri)
+
+
+def copy(src: str, dst: str) -> str:
+    """Publish a copy of ``src`` at ``dst`` and say how: ``server`` (S3 to S3: a server-side
+    copy, multipart above 5 GB, no bytes through this process), ``link`` (local: a hard link
+    to the same inode; safe because every publish here renames a new file into place and
+    never writes into a published one) or ``bytes`` (across file systems or stores)."""
+    if is_s3(src) and is_s3(dst):
+        sb, sk = split_s3(src)
+        db, dk = split_s3(dst)
+        from boto3.s3.transfer import TransferConfig
+
+        with _s3_errors(src):
+            s3_client().copy(
+                {"Bucket": sb, "Key": sk},
+                db,
+                dk,
+                Config=TransferConfig(multipart_threshold=5 << 30, multipart_chunksize=1 << 30),
+            )
+        return "server"
+    if not is_s3(src) and not is_s3(dst):
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"no such file: {src}")
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        tmp = temp_name_for(os.path.abspath(dst))
+        try:
+            os.link(src, tmp)
+            how = "link"
+        except OSError:  # another file system, or links not supported
+            shutil.copyfile(src, tmp)
+            how = "bytes"
+        os.replace(tmp, dst)
+        return how
+    with local_path(src) as path:
+        publish_file(path, dst)
+    return "bytes"
 
 
 def delete(uri: str) -> None:

@@ -75,7 +75,7 @@ class LinkerConfig(cfg.StageConfig):
     w_prior: float = cfg.field(0.5, "weight of the name/alias prior")
     w_type: float = cfg.field(0.3, "weight of NER-label / entity-type compatibility")
     w_context: float = cfg.field(0.2, "weight of context similarity with the entity description")
-    batch_size: int = cfg.field(256, "captions per spaCy nlp.pipe batch")
+    batch_size: int = cfg.field(256, "captions per spaCy nlp.pipe batch", output=False)
 
     def validate(self) -> None:
         self._check(self.max_caption_chars >= 16, "max_caption_chars", "must be >= 16")

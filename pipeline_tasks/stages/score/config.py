@@ -20,6 +20,7 @@ class ScoreConfig(cfg.StageConfig):
     model: str = cfg.field(
         "",
         "packaged/mofi: checkpoint URI (packaged default: RUN/scorer/packaged.pt); open_clip: ARCH, ARCH:HUB_TAG or ARCH:/path/ckpt.pt",
+        output=False,  # where the weights are; the reuse key holds their fingerprint instead
     )
     batch_size: int = cfg.field(
         128, "images per forward pass (every pass has this shape: a shard's last batch is padded)"
@@ -41,14 +42,18 @@ class ScoreConfig(cfg.StageConfig):
         0,
         "decode processes or threads per scoring worker; 0: auto (processes: the worker's share "
         "of the host's cores minus the model's threads; threads: the model's thread count)",
+        output=False,
     )
     decode_phase_images: int = cfg.field(
         256,
         "decode=threads: images decoded before the model runs again (rounded up to whole "
         "batches); longer phases amortise the pool's ramp-up and the model's restart",
+        output=False,
     )
     devices: str = cfg.field(
-        "auto", "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1"
+        "auto",
+        "auto (every CUDA device, else cpu), cpu, or a comma list like cuda:0,cuda:1",
+        output=False,
     )
     precision: str = cfg.field(
         "auto", "autocast: auto (bf16 on CUDA and bf16-capable CPUs), bf16, fp16, fp32"
@@ -60,15 +65,21 @@ class ScoreConfig(cfg.StageConfig):
         40_000_000, "images with more pixels are skipped (decompression bombs)"
     )
     text_batch_size: int = cfg.field(256, "entity prompts per text forward pass")
-    cache_uri: str = cfg.field("", "entity embedding cache (default: RUN/score/_embedding_cache)")
+    cache_uri: str = cfg.field(
+        "", "entity embedding cache (default: RUN/score/_embedding_cache)", output=False
+    )
     torch_threads: int = cfg.field(
-        0, "model threads (0: every core on CPU, 2 on a GPU, whose host cores decode)"
+        0, "model threads (0: every core on CPU, 2 on a GPU, whose host cores decode)", output=False
     )
     heap_mmap_threshold_mb: int = cfg.field(
-        64, "glibc: allocations up to this size come from the reusable heap (0: glibc's default)"
+        64,
+        "glibc: allocations up to this size come from the reusable heap (0: glibc's default)",
+        output=False,
     )
     heap_trim_threshold_mb: int = cfg.field(
-        1024, "glibc: free heap kept for reuse before it is returned to the OS (0: glibc's default)"
+        1024,
+        "glibc: free heap kept for reuse before it is returned to the OS (0: glibc's default)",
+        output=False,
     )
 
     def validate(self) -> None:

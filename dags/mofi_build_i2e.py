@@ -1,5 +1,5 @@
-"""Build an I2E dataset version from raw shards: check -> ner -> score (mapped) -> vocab -> write
--> publish -> report.
+"""Build an I2E dataset version from raw shards: check -> reuse source -> ner -> score (mapped)
+-> vocab -> write -> publish -> report.
 
 Wiring only: each task launches one `mofi` command in its own process (spark-submit for ner
 and vocab, scoring workers for score) or calls one library function, so no heavy compute
@@ -20,7 +20,12 @@ order, the list `mofi build-i2e` and `mofi status` use too.
   finish, ``report`` fails naming the failed shards, and clearing that one task after a fix
   completes the version without redoing the rest.
 * Every stage skips the shards whose done marker exists and matches its files, so a retried
-  or cleared task resumes. ``publish`` updates the ``mofi_i2e`` asset with the version's URI:
+  or cleared task resumes.
+* Incremental: ``reuse_source`` picks the earlier version (``params.reuse_from``: by default
+  the last one published on ``mofi_i2e``; ``none`` forces a full rebuild). ner and score copy
+  every shard whose reuse key (raw content, KB, config, scorer, code) is unchanged and
+  compute only the rest; the packaged scorer is kept unless ``params.retrain_scorer``;
+  vocab and write run over the whole version (``pipeline_tasks.runtime.reuse``). ``publish`` updates the ``mofi_i2e`` asset with the version's URI:
   the training DAG is scheduled on it.
 * Schedule: ``MOFI_BUILD_SCHEDULE`` (cron or preset, read from the environment; none by
   default: triggered). Retries: ``MOFI_TASK_RETRIES`` (2), first delay
@@ -100,6 +105,20 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
             maximum=1,
             description="vocab similarity threshold override (empty: the config's)",
         ),
+        "reuse_from": Param(
+            "latest",
+            type="string",
+            minLength=1,
+            description="incremental rebuild: copy each unchanged shard of ner and score from "
+            "this earlier version: latest (the last one published on mofi_i2e), a version name "
+            "under root, a version URI, or none (a full rebuild)",
+        ),
+        "retrain_scorer": Param(
+            False,
+            type="boolean",
+            description="bootstrap a new packaged scorer instead of keeping the reused version's "
+            "(every shard is then scored again)",
+        ),
         "score_batch_shards": Param(
             8,
             type="integer",
@@ -115,13 +134,23 @@ def mofi_build_i2e():
         """Inputs exist, the output root is writable, the config is known: before any work."""
         return dag_tasks.check_build_params(params)
 
+    @task(inlets=[I2E_ASSET])
+    def reuse_source(params=None, dag_run=None, *, inlet_events=None) -> str:
+        """The earlier version whose unchanged shards this build copies ("none": all anew)."""
+        events = list(inlet_events[I2E_ASSET]) if inlet_events is not None else []
+        return dag_tasks.reuse_source(params, dag_tasks.build_version(params, dag_run), events)
+
     @task.bash(execution_timeout=timedelta(hours=12))
-    def ner() -> str:
-        return f"{MOFI} ner {INPUTS} --run {RUN} {COMMON} {SPARK}"
+    def ner(reuse: str) -> str:
+        return f"{MOFI} ner {INPUTS} --run {RUN} {COMMON} {SPARK} --reuse-from {shlex.quote(reuse)}"
 
     @task.bash(execution_timeout=timedelta(hours=2))
-    def prepare_score() -> str:
-        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --bootstrap-if-missing --prepare{SCORE_MODEL}"
+    def prepare_score(reuse: str) -> str:
+        retrain = "{% if params.retrain_scorer %} --retrain-scorer{% endif %}"
+        return (
+            f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --bootstrap-if-missing --prepare"
+            f"{SCORE_MODEL} --reuse-from {shlex.quote(reuse)}{retrain}"
+        )
 
     @task
     def score_batches(run_uri: str, batch_shards: str) -> list[str]:
@@ -129,8 +158,11 @@ def mofi_build_i2e():
         return dag_tasks.shard_batches(run_uri, int(batch_shards))
 
     @task.bash(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
-    def score(shards: str) -> str:
-        return f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --shards {shards}{SCORE_MODEL}"
+    def score(shards: str, reuse: str) -> str:
+        return (
+            f"{MOFI} score {INPUTS} --run {RUN} {COMMON} --shards {shards}{SCORE_MODEL} "
+            f"--reuse-from {shlex.quote(reuse)}"
+        )
 
     @task.bash(execution_timeout=timedelta(hours=6))
     def vocab() -> str:
@@ -156,11 +188,12 @@ def mofi_build_i2e():
         """Shards done per stage; fails naming the failed shards when a stage has any."""
         return dag_tasks.build_report(version_root)
 
-    prepare = prepare_score()
+    source = reuse_source()
+    prepare = prepare_score(source)
     batches = score_batches(RUN, "{{ params.score_batch_shards }}")
     prepare >> batches
-    scored = score.expand(shards=batches)
-    ner_task, vocab_task, write_task = ner(), vocab(), write()
+    scored = score.partial(reuse=source).expand(shards=batches)
+    ner_task, vocab_task, write_task = ner(source), vocab(), write()
     # each stage's first and last task, chained in the pipeline's one stage order
     stage_tasks = {
         NER: (ner_task, ner_task),
@@ -169,6 +202,8 @@ def mofi_build_i2e():
         WRITE: (write_task, write_task),
     }
     last = check_params()
+    last >> source
+    last = source
     for name in BUILD_STAGES:
         first, end = stage_tasks[name]
         last >> first

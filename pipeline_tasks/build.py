@@ -5,7 +5,8 @@ tasks by the same list): ner -> score (the packaged scorer bootstrapped first, w
 ``score.stage.needs_bootstrap``) -> vocab -> write. Each stage skips the shards whose done
 marker matches their files, so a killed build re-run with the same arguments picks up where
 it stopped and produces the same bytes. A stage that leaves failed shards stops the build
-(``StageFailed``); its markers say which and why.
+(``StageFailed``); its markers say which and why. With ``reuse_from`` (an earlier build) the
+per-shard stages copy what did not change instead of computing it (``runtime.reuse``).
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ class BuildInputs:
     run: str
     i2e: str
     progress: bool
+    reuse_from: str | None = None  # an earlier build (runtime.reuse)
+    retrain_scorer: bool = False
 
 
 def _ner(b: BuildInputs, step) -> None:
-    step(NER, run_ner, b.config.ner, b.raw, b.kb, b.run, progress=b.progress)
+    step(NER, run_ner, b.config.ner, b.raw, b.kb, b.run, b.progress, b.reuse_from)
 
 
 def _score(b: BuildInputs, step) -> None:
     c = b.config
-    if needs_bootstrap(c.score, b.run):
-        boot = (c.score, c.bootstrap, b.raw, b.kb, b.run)
-        step("scorer-bootstrap", ensure_scorer, *boot, progress=b.progress)
-    step(SCORE, run_score, c.score, b.raw, b.run, b.kb, progress=b.progress)
+    if needs_bootstrap(c.score, b.run) or b.retrain_scorer:
+        boot = (c.score, c.bootstrap, b.raw, b.kb, b.run, b.progress)
+        step("scorer-bootstrap", ensure_scorer, *boot, b.reuse_from, b.retrain_scorer)
+    step(SCORE, run_score, c.score, b.raw, b.run, b.kb, b.progress, reuse_from=b.reuse_from)
 
 
 def _vocab(b: BuildInputs, step) -> None:
@@ -67,8 +70,18 @@ RUNNERS: dict[str, Callable[[BuildInputs, Callable], None]] = {
 
 
 def build_i2e(
-    p: PipelineConfig, raw_uri: str, kb_uri: str, run_uri: str, i2e_uri: str, progress: bool = True
+    p: PipelineConfig,
+    raw_uri: str,
+    kb_uri: str,
+    run_uri: str,
+    i2e_uri: str,
+    progress: bool = True,
+    reuse_from: str | None = None,
+    retrain_scorer: bool = False,
 ) -> dict[str, Any]:
+    """Every stage in order. ``reuse_from``: an earlier build (a version root, its i2e or
+    i2e_run, or a run root) whose per-shard outputs are copied where nothing they depend on
+    changed, and whose scorer is kept unless ``retrain_scorer`` (``runtime.reuse``)."""
     out: dict[str, Any] = {}
     for root in (run_uri, i2e_uri):  # before any compute: a bad output is found at once
         storage.check_writable(root)
@@ -87,7 +100,7 @@ def build_i2e(
         out[name] = res
         return res
 
-    inputs = BuildInputs(p, raw_uri, kb_uri, run_uri, i2e_uri, progress)
+    inputs = BuildInputs(p, raw_uri, kb_uri, run_uri, i2e_uri, progress, reuse_from, retrain_scorer)
     for name in BUILD_STAGES:
         RUNNERS[name](inputs, step)
     return out

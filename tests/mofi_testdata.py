@@ -103,3 +103,35 @@ def make_eval_folder(root, per_class: int = 4, n_classes: int = 6, seed: int = 1
             with open(os.path.join(root, f"{c}_{i}.jpg"), "wb") as f:
                 f.write(_image(c, rng))
     return root
+
+
+def copy_raw_shard(
+    raw_dir, shard: str, out_dir=None, new_shard: str | None = None, drop_last: int = 0
+) -> None:
+    """Raw shard ``shard`` (img2dataset's tar + Parquet) written again: as ``new_shard`` in
+    ``out_dir`` (keys re-prefixed, so they stay unique: a newly crawled shard) and/or without
+    its last ``drop_last`` samples (the same name with other bytes: a re-crawl)."""
+    raw_dir, out_dir = str(raw_dir), str(out_dir or raw_dir)
+    new_shard = new_shard or shard
+
+    def rename(key: str) -> str:
+        return new_shard + key[len(shard) :] if key.startswith(shard) else f"{new_shard}_{key}"
+
+    table = pq.read_table(os.path.join(raw_dir, f"{shard}.parquet"))
+    keys = table.column("key").to_pylist()
+    kept = set(keys[: len(keys) - drop_last])
+    table = table.filter(pa.array([k in kept for k in keys]))
+    table = table.set_column(
+        table.schema.get_field_index("key"),
+        "key",
+        pa.array([rename(k) for k in table.column("key").to_pylist()], pa.string()),
+    )
+    with tarfile.open(os.path.join(raw_dir, f"{shard}.tar")) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+    os.makedirs(out_dir, exist_ok=True)
+    pq.write_table(table, os.path.join(out_dir, f"{new_shard}.parquet"))
+    with tarfile.open(os.path.join(out_dir, f"{new_shard}.tar"), "w") as tf:
+        for m, data in members:
+            key, dot, ext = m.name.partition(".")
+            if key in kept:
+                _member(tf, rename(key) + dot + ext, data)

@@ -20,7 +20,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(status.to_json(args.run, summaries))
         else:
-            print(status.render(summaries, args.run))
+            print(status.render(summaries, args.run, shards=args.shards))
         if not args.watch:
             break
         time.sleep(args.watch)
@@ -125,6 +125,9 @@ def add_commands(sub) -> None:
     s = sub.add_parser("status", help="shard progress of a run, read from its markers")
     s.add_argument("run", help="run or build root URI (stages are found at any depth below it)")
     s.add_argument("--json", action="store_true", help="machine-readable output for dashboards")
+    s.add_argument(
+        "--shards", action="store_true", help="also list every reused shard and its source"
+    )
     s.add_argument(
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
     )

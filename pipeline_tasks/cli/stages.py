@@ -32,7 +32,9 @@ def cmd_ner(args: argparse.Namespace) -> int:
     from pipeline_tasks.stages.ner.stage import run_ner
 
     c = pipeline_config(args).ner
-    res = run_ner(c, args.raw, args.kb, args.run, progress=not args.no_progress)
+    res = run_ner(
+        c, args.raw, args.kb, args.run, progress=not args.no_progress, reuse_from=args.reuse_from
+    )
     print_result("ner", res)
     return 1 if res.failed else 0
 
@@ -52,9 +54,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline_tasks.stages.score.stage import ensure_scorer, run_score
 
     p = pipeline_config(args)
-    if args.bootstrap_if_missing:
+    if args.bootstrap_if_missing or args.retrain_scorer:
         boot = ensure_scorer(
-            p.score, p.bootstrap, args.raw, args.kb, args.run, progress=not args.no_progress
+            p.score,
+            p.bootstrap,
+            args.raw,
+            args.kb,
+            args.run,
+            progress=not args.no_progress,
+            reuse_from=args.reuse_from,
+            retrain=args.retrain_scorer,
         )
         if boot is not None:
             print_result("scorer-bootstrap", boot)
@@ -67,6 +76,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         reference_every=args.reference_every,
         only=shard_list(args.shards),
         prepare=args.prepare,
+        reuse_from=args.reuse_from,
     )
     print_result("score", res)
     return 1 if res.failed else 0
@@ -107,12 +117,38 @@ def cmd_build_i2e(args: argparse.Namespace) -> int:
     p = pipeline_config(args)
     run = args.run or RunLayout.beside(args.out).root
     t0 = time.time()
-    res = build_i2e(p, args.raw, args.kb, run, args.out, progress=not args.no_progress)
+    res = build_i2e(
+        p,
+        args.raw,
+        args.kb,
+        run,
+        args.out,
+        progress=not args.no_progress,
+        reuse_from=args.reuse_from,
+        retrain_scorer=args.retrain_scorer,
+    )
     w = res["write"]
     print(
         f"build-i2e: {w['num_samples']} images, {w['num_classes']} classes in {w['num_shards']} shards -> {args.out} ({time.time() - t0:.0f}s); work files in {run}"
     )
     return 0
+
+
+def _reuse_flags(s, scorer: bool = True) -> None:
+    s.add_argument(
+        "--reuse-from",
+        default=None,
+        metavar="BUILD",
+        help="incremental rebuild: copy each shard's output from this earlier build (a version "
+        "root, its i2e or i2e_run, or a run root) when nothing it depends on changed",
+    )
+    if scorer:
+        s.add_argument(
+            "--retrain-scorer",
+            action="store_true",
+            help="bootstrap a new packaged scorer instead of keeping --reuse-from's (every "
+            "shard is then scored again)",
+        )
 
 
 def _pipeline_recipes():
@@ -157,6 +193,7 @@ def add_commands(sub) -> None:
     s, ov = _stage_parser(sub, "ner", "Spark job: NER + KB linking over raw captions")
     s.add_argument("--out", "--run", dest="run", required=True, help="run root URI; writes RUN/ner")
     _spark_flags(ov, "ner")
+    _reuse_flags(s, scorer=False)
     s.set_defaults(fn=cmd_ner)
 
     s, ov = _stage_parser(
@@ -211,6 +248,7 @@ def _add_score(sub) -> None:
         metavar="N",
         help="after every N batches also time a forward pass on a preloaded batch, and report end to end / bare forward (costs 1/N more model time)",
     )
+    _reuse_flags(s)
     s.set_defaults(fn=cmd_score)
 
 
@@ -259,4 +297,5 @@ def _add_filter_and_write(sub) -> None:
     s.add_argument(
         "--run", default=None, help="work root for intermediate stages (default: OUT/../i2e_run)"
     )
+    _reuse_flags(s)
     s.set_defaults(fn=cmd_build_i2e)

@@ -129,9 +129,15 @@ class SnapshotCollector(Collector):
             "Newest heartbeat or finished shard of the stage (Unix time).",
             labels=STAGE_LABELS,
         )
+        reused = GaugeMetricFamily(
+            "mofi_stage_reused_shards",
+            "Done shards whose outputs an incremental rebuild copied from an earlier build.",
+            labels=STAGE_LABELS,
+        )
         for run in runs:
             for s in run["stages"]:
                 lab = [run["id"], s["where"], s["stage"]]
+                reused.add_metric(lab, s.get("reused", 0))
                 for state, key in STATES:
                     shards.add_metric([*lab, state], s[key])
                 s_in.add_metric(lab, s["samples_in"])
@@ -145,7 +151,7 @@ class SnapshotCollector(Collector):
                 complete.add_metric(lab, 1.0 if s["complete"] else 0.0)
                 if s["last_update"]:
                     updated.add_metric(lab, s["last_update"])
-        yield from (shards, s_in, s_out, drops, out_bytes, rate, eta, complete, updated)
+        yield from (shards, s_in, s_out, drops, out_bytes, rate, eta, complete, updated, reused)
 
     def _training(self, runs: list[dict[str, Any]]) -> Iterator[Metric]:
         step = GaugeMetricFamily(

@@ -39,6 +39,7 @@ def stage_view(s: dict[str, Any], limit: int) -> dict[str, Any]:
     out["failed_shards"] = _listed(s["failed_shards"], limit, "error")
     out["stale_shards"] = _listed(s["stale_shards"], limit, "why")
     out["invalid_shards"] = _listed(s["invalid_shards"], limit, "why")
+    out["reused_shards"] = _listed(s.get("reused_shards", {}), limit, "from")
     out["running_shards"] = [
         {"shard": k, **v} for k, v in sorted(s["running_shards"].items())[:limit]
     ]

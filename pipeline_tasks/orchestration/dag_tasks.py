@@ -10,6 +10,7 @@
 * :func:`build_report`: the last task: fails naming the failed shards of every stage;
 * :func:`build_version` / :func:`train_layout`: the folders a run writes, from the run's
   params (Jinja macros of the DAGs: the layouts name every folder, the DAGs spell none);
+* :func:`reuse_source`: the earlier version an incremental build copies unchanged shards from;
 * :func:`env_param`: a param whose default is a deployment setting.
 """
 
@@ -64,6 +65,32 @@ def build_version(params: dict[str, Any], dag_run: Any):
 
     when = dag_run.logical_date or dag_run.run_after
     return VersionLayout.of(params["root"], params.get("version") or when.strftime("%Y-%m-%d"))
+
+
+def reuse_source(params: dict[str, Any], version: Any, events: list[Any]) -> str:
+    """The run root an incremental build copies unchanged shards from, or ``"none"``.
+
+    ``params.reuse_from``: ``latest`` (the newest version published on the ``mofi_i2e``
+    asset, from ``events``; none before the first), ``none``, a version name under
+    ``params.root``, or a version URI. A named build that is not there is an error."""
+    from ..runtime import reuse
+    from ..runtime.layout import VersionLayout
+    from .assets import resolve_i2e_uri
+
+    want = (params.get("reuse_from") or "latest").strip()
+    if want == reuse.NONE:
+        return reuse.NONE
+    if want == "latest":
+        try:
+            want = resolve_i2e_uri("", {"mofi_i2e": events})
+        except ConfigError:
+            return reuse.NONE  # nothing published yet: the first build computes everything
+    elif "/" not in want:  # a version name
+        want = VersionLayout.of(params["root"], want).root
+    source = reuse.resolve_source(want)
+    if source is None or source.run.root.rstrip("/") == version.run.root.rstrip("/"):
+        return reuse.NONE  # this version itself: its own done shards are kept anyway
+    return source.run.root
 
 
 def train_layout(params: dict[str, Any], run_id: str):

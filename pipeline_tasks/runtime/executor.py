@@ -56,6 +56,8 @@ class StageResult:
     busy: dict[str, str] = dataclasses.field(default_factory=dict)
     redone: dict[str, str] = dataclasses.field(default_factory=dict)  # done markers that lied
     skipped_shards: dict[str, str] = dataclasses.field(default_factory=dict)  # bad input
+    # shards whose outputs were copied from an earlier build (runtime.reuse) -> its label
+    reused: dict[str, str] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -80,6 +82,8 @@ class StageResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(d.pop("extra"))
+        # a count, not a list: a rebuild of 100,000 shards reuses most of them
+        d["reused"] = len(self.reused)
         return d
 
     def __getitem__(self, key: str) -> Any:
@@ -304,7 +308,7 @@ def _run_spawned(stage, store, todo, world, outcomes, reports, bar) -> None:
             task_q.put(t)
         for _ in range(world):
             task_q.put(None)
-    store_args = (store.root, store.stage)
+    store_args = (store.root, store.stage, store.keys)
     procs = [
         ctx.Process(
             target=_worker_main,

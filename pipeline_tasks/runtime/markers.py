@@ -171,12 +171,15 @@ HEARTBEATS = _Heartbeats()
 class MarkerStore:
     """Markers of one stage under one output root."""
 
-    def __init__(self, root: str, stage: str):
+    def __init__(self, root: str, stage: str, keys: dict[str, dict[str, Any]] | None = None):
         if not stage or "/" in stage:
             raise ValueError(f"bad stage name {stage!r}")
         self.root = root
         self.stage = stage
         self.dir = storage.join(root, MARKER_DIR, stage)
+        # shard -> reuse key (``runtime.reuse``): written into each done marker, and a done
+        # marker with another key is out of date (its shard is redone)
+        self.keys: dict[str, dict[str, Any]] = dict(keys or {})
 
     def _uri(self, shard: str, state: str) -> str:
         return marker_uri(self.root, self.stage, shard, state)
@@ -261,16 +264,22 @@ class MarkerStore:
         HEARTBEATS.remove(uri)
         storage.delete(uri)
 
-    def mark_done(self, shard: str, stats: ShardStats) -> None:
+    def mark_done(
+        self, shard: str, stats: ShardStats, reused_from: dict[str, Any] | None = None
+    ) -> None:
         """The done marker names its one writer: the process and the token of the claim it
-        held (from when to when), so exactly-once work can be shown from the markers."""
+        held (from when to when), so exactly-once work can be shown from the markers. It
+        holds the shard's reuse key when the store has one, and ``reused_from`` when its
+        outputs were copied from an earlier version (``runtime.reuse``)."""
         claim = HEARTBEATS.record(self._uri(shard, "running")) or self._running_record(shard)
         writer = {k: claim.get(k) for k in ("host", "pid", "proc_start", "token")}
         writer.update(claimed_at=claim.get("started_at"), done_at=time.time())
-        storage.write_json(
-            self._uri(shard, "done"),
-            {"shard": shard, "state": "done", "stats": stats.to_dict(), "writer": writer},
-        )
+        doc = {"shard": shard, "state": "done", "stats": stats.to_dict(), "writer": writer}
+        if shard in self.keys:
+            doc["key"] = self.keys[shard]
+        if reused_from:
+            doc["reused_from"] = reused_from
+        storage.write_json(self._uri(shard, "done"), doc)
         storage.delete(self._uri(shard, "failed"))
         self.release(shard)
 
@@ -353,11 +362,15 @@ def verify_done(
             out[shard] = "no done marker"
             continue
         try:
-            stats[shard] = ShardStats.from_dict(
-                storage.read_json(store._uri(shard, "done"))["stats"]
-            )
+            doc = storage.read_json(store._uri(shard, "done"))
+            stats[shard] = ShardStats.from_dict(doc["stats"])
         except (FileNotFoundError, ValueError, KeyError):
             out[shard] = "no done marker"
+            continue
+        old, new = (doc.get("key") or {}).get("key"), store.keys.get(shard, {}).get("key")
+        if old and new and old != new:  # (a marker from before keys existed is kept)
+            out[shard] = f"its inputs changed ({_key_change(doc['key'], store.keys[shard])})"
+            del stats[shard]
     folders = {
         output_uri(store.root, n).rsplit("/", 1)[0] for st in stats.values() for n in st.outputs
     }
@@ -367,6 +380,12 @@ def verify_done(
     for shard, st in stats.items():
         out[shard] = store.verify(shard, st, sizes, deep)
     return out
+
+
+def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which parts of a reuse key differ, e.g. ``raw_parquet, kb``."""
+    a, b = old.get("parts", {}), new.get("parts", {})
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))) or "key"
 
 
 def completed_shards(store: MarkerStore, producer: str) -> list[str]:

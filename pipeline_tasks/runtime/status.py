@@ -167,6 +167,17 @@ def _verify_done(
     return bad
 
 
+def _claim_state(shard: str, rec: dict, now: float, running: dict, stale: dict) -> str:
+    """``running`` or ``stale``, noting the claim in the matching dict."""
+    alive = liveness(rec, now)
+    if alive == "live":
+        running[shard] = {k: rec.get(k) for k in ("host", "pid", "started_at", "heartbeat_at")}
+        return "running"
+    how = "process gone" if alive == "dead" else "no heartbeat"
+    stale[shard] = f"{how} ({describe(rec)})"
+    return "stale"
+
+
 def summarize_stage(
     root: str, stage: str, now: float | None = None, reader: MarkerReader | None = None
 ) -> dict[str, Any]:
@@ -188,16 +199,7 @@ def summarize_stage(
     for shard, rec in recs.items():
         state = rec["state"]
         if state == "running":
-            alive = liveness(rec, now)
-            if alive == "live":
-                counts["running"] += 1
-                running[shard] = {
-                    k: rec.get(k) for k in ("host", "pid", "started_at", "heartbeat_at")
-                }
-            else:
-                counts["stale"] += 1
-                how = "process gone" if alive == "dead" else "no heartbeat"
-                stale[shard] = f"{how} ({describe(rec)})"
+            counts[_claim_state(shard, rec, now, running, stale)] += 1
             continue
         if state == "done" and shard in invalid:
             counts["invalid"] += 1

@@ -7,6 +7,7 @@ The resolved config is saved to ``OUT/train.request.json`` and passed to every p
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -33,10 +34,12 @@ def _local_addresses() -> set[str]:
     return names
 
 
-def check_rendezvous(endpoint: str, wait_s: float = 300.0, timeout_s: float = 5.0) -> None:
-    """A remote HOST:PORT must resolve and accept a TCP connection within ``wait_s`` (the
-    node that hosts it may start a little later: the nodes' tasks start independently); a
-    local one is hosted here."""
+def check_rendezvous(endpoint: str, wait_s: float | None = None, timeout_s: float = 5.0) -> None:
+    """A remote HOST:PORT must resolve and accept a TCP connection within ``wait_s`` (default
+    ``MOFI_RDZV_WAIT_S``, 300 s: the node that hosts it may start a little later, the nodes'
+    tasks start independently); a local one is hosted here."""
+    if wait_s is None:
+        wait_s = float(os.environ.get("MOFI_RDZV_WAIT_S", "300"))
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")

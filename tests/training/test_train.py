@@ -179,8 +179,9 @@ def test_one_run_per_out(full_run, tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]  # ... but it binds nobody
 
 
-def test_bad_input_fails_before_compute(full_run, tmp_path, capsys):
+def test_bad_input_fails_before_compute(full_run, tmp_path, capsys, monkeypatch):
     cfg, i2e = full_run["cfg"], full_run["i2e"]
+    monkeypatch.setenv("MOFI_RDZV_WAIT_S", "3")  # the unreachable rendezvous: not 5 minutes
 
     def run(*args):
         rc = cli.main(["-q", "train", "--config-file", cfg, "--out", str(tmp_path / "o"), *args])

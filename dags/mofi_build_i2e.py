@@ -20,13 +20,13 @@ order, the list `mofi build-i2e` and `mofi status` use too.
   finish, ``report`` fails naming the failed shards, and clearing that one task after a fix
   completes the version without redoing the rest.
 * Every stage skips the shards whose done marker exists and matches its files, so a retried
-  or cleared task resumes.
+  or cleared task resumes. ``publish`` updates the ``mofi_i2e`` asset with the version's URI:
+  the training DAG is scheduled on it.
 * Incremental: ``reuse_source`` picks the earlier version (``params.reuse_from``: by default
   the last one published on ``mofi_i2e``; ``none`` forces a full rebuild). ner and score copy
   every shard whose reuse key (raw content, KB, config, scorer, code) is unchanged and
   compute only the rest; the packaged scorer is kept unless ``params.retrain_scorer``;
-  vocab and write run over the whole version (``pipeline_tasks.runtime.reuse``). ``publish`` updates the ``mofi_i2e`` asset with the version's URI:
-  the training DAG is scheduled on it.
+  vocab and write run over the whole version (``pipeline_tasks.runtime.reuse``).
 * Schedule: ``MOFI_BUILD_SCHEDULE`` (cron or preset, read from the environment; none by
   default: triggered). Retries: ``MOFI_TASK_RETRIES`` (2), first delay
   ``MOFI_RETRY_DELAY_S`` (60 s), doubling.

@@ -42,6 +42,7 @@ from training.core import storage
 from training.core.config import ConfigError
 from training.core.done_check import output_uri, outputs_problem
 
+from .executor import ShardTask, StageResult
 from .layout import I2E_DIR_NAME, RUN_DIR_NAME, VERSION_PREFIX, RunLayout, sibling
 from .markers import MarkerStore, ShardBusy, ShardStats
 
@@ -173,3 +174,15 @@ def adopt(store: MarkerStore, shards: list[str], source: ReuseSource | None) -> 
             dict(copies),
         )
     return out
+
+
+def adopt_tasks(
+    store: MarkerStore, todo: list[ShardTask], source: ReuseSource | None, result: StageResult
+) -> list[ShardTask]:
+    """:func:`adopt` for a stage's pending tasks: what was adopted goes into ``result``
+    (``reused``, ``extra["reuse"]``); returns the tasks still to compute."""
+    got = adopt(store, [t.shard for t in todo], source)
+    result.reused = {s: got["from"] for s in got["adopted"]}
+    result.extra["reuse"] = {k: v for k, v in got.items() if k != "adopted"}
+    adopted = set(got["adopted"])
+    return [t for t in todo if t.shard not in adopted]

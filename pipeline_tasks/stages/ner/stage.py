@@ -110,12 +110,6 @@ def _run_ner(
             "partitions": config.spark.partitions,
         }
 
-    def adopt(todo: list[ShardTask]) -> list[ShardTask]:
-        got = reuse.adopt(store, [t.shard for t in todo], source)
-        result.reused = {s: got["from"] for s in got["adopted"]}
-        result.extra["reuse"] = {k: v for k, v in got.items() if k != "adopted"}
-        return [t for t in todo if t.shard not in set(got["adopted"])]
-
     tasks = [ShardTask(s.shard, 1, {"parquet": s.parquet}) for s in shards]
     return run_spark_stage(
         JOB_SCRIPT,
@@ -126,7 +120,7 @@ def _run_ner(
         result,
         layout.local_work_dir(),
         progress,
-        adopt=adopt,
+        adopt=lambda todo: reuse.adopt_tasks(store, todo, source, result),
     )
 
 

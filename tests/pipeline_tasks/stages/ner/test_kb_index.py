@@ -1,0 +1,145 @@
+"""The linker's memory-mapped KB index against spaCy's own PhraseMatcher (what the linker used
+before), saved and mapped, and published on S3 for the hosts of a cluster."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline_tasks.stages.kb.names import base_name, normalize_name
+from pipeline_tasks.stages.ner import kb_index
+from pipeline_tasks.stages.ner.linking import EntityLinker, LinkerConfig, load_spacy
+
+TEMPLATES = [
+    "a photo of {} at sunset",
+    "{}'s garden, 2019",
+    "#{} #travel #photo",
+    "THE {} (detail)",
+    "{}-style poster, {} and friends",
+    "view of {}. taken by a friend",
+    "{}",
+]
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_spacy(use_ner=True)
+
+
+@pytest.fixture(scope="module")
+def kb_table(tmp_path_factory):
+    from pipeline_tasks.stages.kb.stage import KBConfig, build_kb, load_kb
+
+    out = str(tmp_path_factory.mktemp("kb") / "kb")
+    build_kb(KBConfig(), out)  # the packaged KB: 10k entities, real names and aliases
+    return load_kb(out)
+
+
+def _captions(table: pa.Table, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    names = table.column("name").to_pylist()
+    aliases = [a for al in table.column("aliases").to_pylist() for a in al or []]
+    pool = names + aliases
+    out = []
+    for _ in range(n):
+        t = rng.choice(TEMPLATES)
+        picks = [rng.choice(pool) for _ in range(t.count("{}"))]
+        picks = [p.upper() if rng.random() < 0.2 else p for p in picks]
+        out.append(t.format(*picks))
+    return out
+
+
+def _phrase_matcher(nlp, table: pa.Table):
+    """The reference: spaCy's PhraseMatcher over every usable surface form, as the linker
+    built it before the index (name, name without qualifier, aliases, plurals)."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+    from spacy.matcher import PhraseMatcher
+
+    stop = set(STOP_WORDS)
+    keys = set()
+    for name, aliases in zip(
+        table.column("name").to_pylist(), table.column("aliases").to_pylist(), strict=True
+    ):
+        for s in [name, base_name(name), *(aliases or [])]:
+            for v in [s, *kb_index.plural_variants(s)]:
+                k = normalize_name(v)
+                if kb_index.usable_surface(k, stop):
+                    keys.add(k)
+    matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
+    matcher.add("KB", [nlp.tokenizer(k) for k in sorted(keys)])
+    return matcher
+
+
+def test_index_finds_exactly_the_phrase_matchers_spans(nlp, kb_table):
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    index = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
+    matcher = _phrase_matcher(nlp, kb_table)
+    captions = _captions(kb_table, 1500)
+    n_spans = 0
+    for doc in nlp.tokenizer.pipe(captions):
+        want = sorted({(s, e) for _, s, e in matcher(doc)})
+        lowers = np.array([t.lower for t in doc], np.uint64)
+        got = sorted(index.match(lowers))
+        assert got == want, doc.text
+        n_spans += len(want)
+    assert n_spans > 1500  # every caption names at least one entity; many name several
+
+
+def test_saved_index_is_mapped_and_links_the_same(nlp, kb_table, tmp_path):
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    built = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
+    built.save(str(tmp_path / "index"))
+    opened = kb_index.KBIndex.open(str(tmp_path / "index"))
+    assert all(isinstance(a, np.memmap) for a in opened.arrays.values())
+    assert opened.meta == built.meta and opened.types == built.types
+    captions = _captions(kb_table, 300, seed=1)
+    in_memory = EntityLinker(kb_table, LinkerConfig(), nlp=nlp).link_texts(captions)
+    mapped = EntityLinker(opened, LinkerConfig(), nlp=nlp).link_texts(captions)
+    assert mapped == in_memory
+    assert sum(1 for ms in mapped for m in ms if m["entity_id"]) > 300
+
+
+def test_index_rejects_another_format(nlp, kb_table, tmp_path):
+    import json
+
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    kb_index.KBIndex.build(kb_table.slice(0, 50), nlp.tokenizer, set(STOP_WORDS)).save(
+        str(tmp_path / "ix")
+    )
+    meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
+    (tmp_path / "ix" / "meta.json").write_text(json.dumps({**meta, "format": 0}))
+    with pytest.raises(ValueError, match="format 0"):
+        kb_index.KBIndex.open(str(tmp_path / "ix"))
+
+
+@pytest.mark.s3
+def test_published_once_on_s3_and_mapped_through_the_host_cache(
+    nlp, kb_table, s3_bucket, tmp_path, monkeypatch
+):
+    import pyarrow.parquet as pq
+
+    from pipeline_tasks.stages.kb.stage import kb_version
+    from training.core import storage
+
+    kb_uri = f"{s3_bucket}/kb"
+    with storage.open_write(f"{kb_uri}/entities.parquet") as f:
+        pq.write_table(kb_table.slice(0, 2000), f)
+    version = kb_version(kb_uri)
+    uri, built = kb_index.ensure_published(kb_uri, version, nlp)
+    assert built and uri.startswith(f"{kb_uri}/{kb_index.INDEX_DIR}/")
+    assert storage.exists(f"{uri}/meta.json")
+    again, built = kb_index.ensure_published(kb_uri, version, nlp)
+    assert (again, built) == (uri, False)
+    monkeypatch.setenv("MOFI_CACHE_DIR", str(tmp_path / "cache"))
+    opened = kb_index.open_local(uri)
+    local = tmp_path / "cache" / kb_index.INDEX_DIR / uri.rsplit("/", 1)[-1]
+    assert (local / "meta.json").exists() and opened.meta["entities"] == 2000
+    captions = _captions(kb_table.slice(0, 2000), 100, seed=2)
+    want = EntityLinker(kb_table.slice(0, 2000), LinkerConfig(), nlp=nlp).link_texts(captions)
+    assert EntityLinker(opened, LinkerConfig(), nlp=nlp).link_texts(captions) == want

@@ -269,7 +269,7 @@ def _objective(c: BootstrapConfig, model, fi, txt_feats, keys, run_uri, kb_uri):
         entities, cand = _entity_targets(run_uri, kb_uri, keys)
         if not entities:
             raise FileNotFoundError(f"no linked mentions for the raw images under {run_uri}/ner")
-        kb_rows = kb_text_rows(kb_uri)
+        kb_rows = kb_text_rows(kb_uri, entities)
         prompts = DEFAULT_PROMPTS
         flat = [p for t in entity_texts(kb_rows, entities, prompts) for p in t]
         with torch.no_grad():

@@ -38,16 +38,7 @@ def embed_entities(
     texts = entity_texts(kb_rows, eids, c.prompts)
     tkey = [hashlib.sha1("\x1f".join(t).encode()).hexdigest()[:16] for t in texts]
     cache_dir = storage.join(cache_root, fingerprint)
-    cached: dict[str, np.ndarray] = {}
-    for uri in storage.list_files(cache_dir, suffix=".parquet"):
-        with storage.open_read(uri) as f:
-            t = pq.read_table(f)
-        for k, e in zip(
-            t.column("text_key").to_pylist(),
-            t.column("embedding").to_numpy(zero_copy_only=False),
-            strict=True,
-        ):
-            cached[k] = np.asarray(e, dtype=np.float32)
+    cached = _read_cached(cache_dir, set(tkey))
     todo = sorted({k: i for i, k in enumerate(tkey) if k not in cached}.items())
     new_rows = []
     backend = make_backend() if todo else None
@@ -73,14 +64,38 @@ def embed_entities(
     return mat, len(new_rows)
 
 
-def write_entity_matrix(path: str, eids: list[str], mat: np.ndarray) -> None:
-    """The matrix the image workers of this call load (a local file): entity_id, embedding."""
-    pq.write_table(pa.table({"entity_id": eids, "embedding": [m.tolist() for m in mat]}), path)
+def _read_cached(cache_dir: str, need: set[str]) -> dict[str, np.ndarray]:
+    """text key -> embedding of the cached entries among ``need``, read a batch at a time and
+    filtered in Arrow (a cache of millions of entities is never held whole)."""
+    import pyarrow.compute as pc
+
+    cached: dict[str, np.ndarray] = {}
+    if not need:
+        return cached
+    want = pa.array(sorted(need), pa.string())
+    for uri in storage.list_files(cache_dir, suffix=".parquet"):
+        with storage.open_read(uri) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+                batch = batch.filter(pc.is_in(batch.column("text_key"), value_set=want))
+                if not batch.num_rows:
+                    continue
+                embs = batch.column("embedding").to_numpy(zero_copy_only=False)
+                for k, e in zip(batch.column("text_key").to_pylist(), embs, strict=True):
+                    cached[k] = np.asarray(e, dtype=np.float32)
+    return cached
+
+
+def write_entity_matrix(path: str, eids: list[str], mat: np.ndarray) -> list[str]:
+    """The matrix the image workers of this call map (local files ``path.npy`` and
+    ``path.ids.parquet``); returns the files written."""
+    np.save(f"{path}.npy", np.ascontiguousarray(mat, dtype=np.float32))
+    pq.write_table(pa.table({"entity_id": pa.array(eids, pa.string())}), f"{path}.ids.parquet")
+    return [f"{path}.npy", f"{path}.ids.parquet"]
 
 
 def read_entity_matrix(path: str) -> tuple[dict[str, int], np.ndarray]:
-    """(entity_id -> row, float32 matrix) of :func:`write_entity_matrix`'s file."""
-    t = pq.read_table(path)
-    index = {e: i for i, e in enumerate(t.column("entity_id").to_pylist())}
-    mat = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return index, mat
+    """(entity_id -> row, float32 matrix) of :func:`write_entity_matrix`'s files. The matrix
+    is memory-mapped copy-on-write: the workers of a host share its pages."""
+    ids = pq.read_table(f"{path}.ids.parquet").column("entity_id").to_pylist()
+    mat = np.load(f"{path}.npy", mmap_mode="c")
+    return {e: i for i, e in enumerate(ids)}, mat

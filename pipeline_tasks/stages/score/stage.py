@@ -167,8 +167,8 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
     # 2. images, one worker per device; the matrix reaches them as a local file of this call
     work = layout.local_work_dir()
     digest = hashlib.sha1("\n".join(order).encode()).hexdigest()[:12]
-    matrix = os.path.join(work, f"score-entities-{digest}-{os.getpid()}.parquet")
-    write_entity_matrix(matrix, order, mat)
+    matrix = os.path.join(work, f"score-entities-{digest}-{os.getpid()}")
+    matrix_files = write_entity_matrix(matrix, order, mat)
     stage = ScoreStage(c, run_uri, matrix, devices, reference_every)
     tempfiles.clean_temp(out)
     t1 = time.time()
@@ -183,8 +183,9 @@ def _run_score(c, raw_uri, layout, kb_uri, progress, reference_every, only, prep
             result=result,
         )
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(matrix)
+        for f in matrix_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
     t_img = time.time() - t1
     result.processed = len(todo)
     _startup(result, t1)
@@ -235,7 +236,7 @@ def _embed_candidates(c: ScoreConfig, layout: RunLayout, kb_uri: str, todo, devi
     for t in todo:
         for v in read_candidates(t.data["mentions"]).values():
             eids.update(v)
-    kb_rows = kb_text_rows(kb_uri)
+    kb_rows = kb_text_rows(kb_uri, eids)
     unknown = sorted(e for e in eids if e not in kb_rows)
     if unknown:
         raise cfg.ConfigError(

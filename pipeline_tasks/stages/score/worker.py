@@ -121,7 +121,7 @@ class ScoreStage(ShardStage):
         torch.set_num_threads(self.threads)
         self.backend = build_backend(c, self.run_uri, self.device)
         self.index, mat = read_entity_matrix(self.entity_matrix)
-        self.E = torch.tensor(mat).to(self.device)
+        self.E = torch.from_numpy(mat).to(self.device)  # on CPU: the shared mapping itself
         self._t_ready = time.time()
         self._report: dict[str, Any] = {}
 

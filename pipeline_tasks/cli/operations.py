@@ -16,7 +16,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline_tasks.runtime import status
 
     while True:
-        summaries = status.summarize_run(args.run)
+        summaries = status.summarize_run(args.run, sealed=not args.verify)
         if args.json:
             print(status.to_json(args.run, summaries))
         else:
@@ -130,6 +130,11 @@ def add_commands(sub) -> None:
     )
     s.add_argument(
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS"
+    )
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every marker and check every output, also of sealed (complete) stages",
     )
     s.set_defaults(fn=cmd_status)
 

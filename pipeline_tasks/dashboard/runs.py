@@ -21,7 +21,7 @@ import re
 from training.core import storage
 from training.layout import METRICS_LOG
 
-from ..runtime import markers, status
+from ..runtime import status
 
 PARTITION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^/]+$")
 
@@ -81,17 +81,9 @@ def _local_training(base: str) -> list[str]:
 
 
 def _s3_training(reader: status.MarkerReader, uri: str) -> list[str]:
-    prefix = uri.rstrip("/") + "/"
-    # the same cached, paginated listing find_stage_roots made (status has no public name for it)
-    objs = reader.list_tree(prefix, recursive=True)
-    out = []
-    for key, _, _ in objs:
-        rel = key[len(prefix) :]
-        if rel == METRICS_LOG or rel.endswith("/" + METRICS_LOG):
-            folder = rel[: -len(METRICS_LOG)].strip("/") or "."
-            if f"/{markers.MARKER_DIR}/" not in f"/{folder}/":
-                out.append(folder)
-    return sorted(out)
+    """Folders holding a metrics log, from the same delimited walk status makes for stage
+    roots (``MarkerReader.walk_s3``: no listing grows with the shard files)."""
+    return sorted(rel for rel, _dirs, files in reader.walk_s3(uri) if METRICS_LOG in files)
 
 
 def find_runs(reader: status.MarkerReader, root: str, label: str) -> list[Run]:

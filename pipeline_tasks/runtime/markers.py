@@ -6,6 +6,7 @@ Layout under a stage's output root::
     ROOT/_markers/STAGE/SHARD.running.json    the shard's claim: host, pid, heartbeat
     ROOT/_markers/STAGE/SHARD.done.json       written last, after the shard's outputs are published
     ROOT/_markers/STAGE/SHARD.failed.json     the error, when processing raised or its worker died
+    ROOT/_markers/STAGE/_summary.json         the sealed summary of a complete stage (status)
 
 * **A running marker is a claim.** It is created exclusively (:meth:`MarkerStore.claim`), so
   two runs on one root never work on the same shard; a daemon thread refreshes its
@@ -15,6 +16,8 @@ Layout under a stage's output root::
   :meth:`MarkerStore.verify` checks them cheaply (existence and size; ``deep`` also the hash),
   and a stage redoes a shard whose done marker no longer matches what is on storage.
 * **A failure always leaves a failed marker**; a later success removes it.
+* **A complete stage is sealed** (``runtime.sealing``); a new plan, a claim or a withdrawn
+  done marker deletes its summary.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from training.core.exclusive import create_exclusive, replace_if_unchanged
 from training.core.process import HEARTBEAT_S, describe, liveness, whoami
 
 STATES = ("done", "failed", "running")
+SUMMARY_NAME = "_summary.json"
 # which marker of a shard wins when several exist (a write between listing and reading)
 PRECEDENCE = {"done": 0, "failed": 1, "running": 2}
 log = logging.getLogger(__name__)
@@ -195,10 +199,21 @@ class MarkerStore:
                 **(meta or {}),
             },
         )
+        self.drop_summary()
 
     def read_plan(self) -> dict[str, Any] | None:
         uri = storage.join(self.dir, "_plan.json")
         return storage.read_json(uri) if storage.exists(uri) else None
+
+    @property
+    def summary_uri(self) -> str:
+        """The sealed summary of the complete stage (``runtime.sealing``)."""
+        return storage.join(self.dir, SUMMARY_NAME)
+
+    def drop_summary(self) -> None:
+        """A marker changed after it: the sealed summary no longer holds. Called after the
+        change, so a summary sealed from the markers before it cannot outlive it."""
+        storage.delete(self.summary_uri)
 
     @property
     def lease_uri(self) -> str:
@@ -250,6 +265,7 @@ class MarkerStore:
                 )
                 break
         HEARTBEATS.add(uri, rec)
+        self.drop_summary()
         return rec
 
     def mark_running(self, shard: str) -> None:
@@ -258,6 +274,7 @@ class MarkerStore:
         rec = self._running_record(shard)
         storage.write_json(uri, rec, indent=None)
         HEARTBEATS.add(uri, rec)
+        self.drop_summary()
 
     def release(self, shard: str) -> None:
         uri = self._uri(shard, "running")
@@ -293,6 +310,7 @@ class MarkerStore:
     def unmark_done(self, shard: str) -> None:
         """Withdraw a done marker whose outputs no longer match (the shard is redone)."""
         storage.delete(self._uri(shard, "done"))
+        self.drop_summary()
 
     # -- verification
     def verify(

@@ -13,6 +13,11 @@ by reason; throughput and an ETA. What status reports is checked, not trusted:
 :class:`MarkerReader` reads markers through a cache keyed by each file's version (local
 mtime and size, S3 ETag) and lists S3 prefixes page by page, at most every few seconds, so a
 dashboard polling a root with tens of thousands of markers re-reads only what changed.
+
+**Sealed stages** (``runtime.sealing``): a complete stage is read from its one sealed
+summary, not from every marker; ``mofi status --verify`` reads every marker and output
+again. On S3 the stage roots are found by delimited listings that start after the
+digit-named shard files (``MarkerReader.list_children``), so no listing grows with shards.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from training.core import storage
@@ -30,7 +36,7 @@ from training.core.done_check import outputs_problem
 from training.core.process import describe, liveness
 from training.core.tempfiles import is_temp_name
 
-from . import markers
+from . import markers, sealing
 from .layout import MARKER_STORES
 
 MAX_DEPTH = 6
@@ -62,22 +68,73 @@ class MarkerReader:
         except FileNotFoundError:
             return []
 
-    def list_tree(self, prefix: str, recursive: bool = True) -> list[tuple[str, Any, int]]:
-        key = f"{prefix}|{recursive}"
+    def _cached(self, key: str, list_fn: Callable[[], Any]) -> Any:
+        """An S3 listing, made at most every ``listing_ttl_s`` seconds."""
         now = time.time()
         with self._lock:
             hit = self._s3_lists.get(key)
             if hit and now - hit[0] < self.listing_ttl_s:
                 return hit[1]
-        bucket, kp = storage.split_s3(prefix)
-        objs = [
-            (f"s3://{bucket}/{o['Key']}", o.get("ETag"), int(o["Size"]))
-            for o in storage._s3_list(bucket, kp, recursive, prefix)
-            if not is_temp_name(o["Key"])
-        ]
+        out = list_fn()
         with self._lock:
-            self._s3_lists[key] = (now, objs)
-        return objs
+            self._s3_lists[key] = (now, out)
+        return out
+
+    def list_tree(self, prefix: str, recursive: bool = True) -> list[tuple[str, Any, int]]:
+        bucket, kp = storage.split_s3(prefix)
+        return self._cached(
+            f"{prefix}|{recursive}",
+            lambda: [
+                (f"s3://{bucket}/{o['Key']}", o.get("ETag"), int(o["Size"]))
+                for o in storage._s3_list(bucket, kp, recursive, prefix)
+                if not is_temp_name(o["Key"])
+            ],
+        )
+
+    def list_children(self, prefix: str) -> tuple[list[str], list[tuple[str, Any, int]]]:
+        """(sub-folder names, files) directly under an S3 folder, leaving out the names that
+        begin with a digit: the shard files (``00042.tar``), which can be millions. One
+        delimited listing that starts after them (``StartAfter``), cached like ``list_tree``."""
+        prefix = prefix.rstrip("/") + "/"
+        bucket, kp = storage.split_s3(prefix)
+
+        def listing() -> tuple[list[str], list[tuple[str, Any, int]]]:
+            dirs, files = [], []
+            pages = (
+                storage.s3_client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=bucket, Prefix=kp, Delimiter="/", StartAfter=kp + ":")
+            )
+            with storage._s3_errors(prefix):
+                for page in pages:
+                    dirs += [
+                        c["Prefix"][len(kp) :].strip("/") for c in page.get("CommonPrefixes", [])
+                    ]
+                    files += [
+                        (f"s3://{bucket}/{o['Key']}", o.get("ETag"), int(o["Size"]))
+                        for o in page.get("Contents", [])
+                        if not is_temp_name(o["Key"])
+                    ]
+            return dirs, files
+
+        return self._cached(f"{prefix}|children", listing)
+
+    def walk_s3(self, uri: str) -> list[tuple[str, list[str], list[str]]]:
+        """(folder relative to ``uri``, its sub-folders, its file names) of every folder the
+        status walk visits, as ``os.walk`` does locally (hidden, ``_`` and bulky folders
+        skipped, at most ``MAX_DEPTH`` deep)."""
+        out = []
+        todo = [("", uri.rstrip("/"), 0)]
+        while todo:
+            rel, folder, depth = todo.pop()
+            dirs, files = self.list_children(folder)
+            out.append((rel or ".", dirs, [u.rsplit("/", 1)[-1] for u, _, _ in files]))
+            if depth >= MAX_DEPTH:
+                continue
+            for d in sorted(dirs, reverse=True):
+                if not d.startswith((".", "_")) and d not in SKIP_DIRS:
+                    todo.append((f"{rel}/{d}".strip("/"), f"{folder}/{d}", depth + 1))
+        return sorted(out)
 
     def read_json(self, uri: str, version: Any) -> Any:
         with self._lock:
@@ -119,14 +176,11 @@ class MarkerReader:
     def find_stage_roots(self, uri: str) -> list[tuple[str, str]]:
         """(where, root) of every folder at any depth under ``uri`` that holds stage markers."""
         if storage.is_s3(uri):
-            prefix = uri.rstrip("/") + "/"
-            roots = set()
-            for key, _, _ in self.list_tree(prefix, recursive=True):
-                rel = key[len(prefix) :]
-                head, sep, _tail = ("/" + rel).partition(f"/{markers.MARKER_DIR}/")
-                if sep:
-                    roots.add(head.strip("/"))
-            return [(r or ".", storage.join(uri, r) if r else uri) for r in sorted(roots)]
+            return [
+                (rel, storage.join(uri, rel) if rel != "." else uri)
+                for rel, dirs, _ in self.walk_s3(uri)
+                if markers.MARKER_DIR in dirs
+            ]
         found = []
         base = os.path.abspath(uri)
         for d, dirs, _files in os.walk(base):
@@ -179,11 +233,31 @@ def _claim_state(shard: str, rec: dict, now: float, running: dict, stale: dict) 
 
 
 def summarize_stage(
-    root: str, stage: str, now: float | None = None, reader: MarkerReader | None = None
+    root: str,
+    stage: str,
+    now: float | None = None,
+    reader: MarkerReader | None = None,
+    sealed: bool = True,
 ) -> dict[str, Any]:
+    """The stage's summary: its sealed one when it has a valid one, else read from every
+    marker (and sealed when complete). ``sealed=False``: every marker, never sealed."""
     now = time.time() if now is None else now
     reader = reader or READER
     store = markers.MarkerStore(root, stage)
+    if sealed:
+        doc = sealing.read_sealed(store)
+        if doc is not None:
+            return {**doc, "root": root, "sealed": True}
+    listing = reader.list_dir(store.dir)
+    s = _summarize_markers(root, stage, now, reader, store)
+    if sealed and sealing.sealable(s):
+        sealing.seal(store, s, {(u, v) for u, v, _ in listing})
+    return s
+
+
+def _summarize_markers(
+    root: str, stage: str, now: float, reader: MarkerReader, store: markers.MarkerStore
+) -> dict[str, Any]:
     plan, recs = reader.stage_records(store)
     planned = set(plan["shards"]) if plan else set()
     invalid = _verify_done(reader, root, recs)
@@ -279,9 +353,12 @@ def summarize_stage(
     }
 
 
-def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict[str, Any]]:
+def summarize_run(
+    run_uri: str, reader: MarkerReader | None = None, sealed: bool = True
+) -> list[dict[str, Any]]:
     """Every stage under ``run_uri`` (any depth), in pipeline order (``layout.STAGES``; a
-    stage the pipeline does not know, such as the demo's, after them alphabetically)."""
+    stage the pipeline does not know, such as the demo's, after them alphabetically).
+    ``sealed=False`` reads every marker even of sealed stages (``mofi status --verify``)."""
     reader = reader or READER
     if not storage.is_s3(run_uri) and not os.path.exists(run_uri):
         raise FileNotFoundError(f"run not found: {run_uri}")
@@ -289,7 +366,7 @@ def summarize_run(run_uri: str, reader: MarkerReader | None = None) -> list[dict
     now = time.time()
     for label, root in reader.find_stage_roots(run_uri):
         for stage in stages(reader, root):
-            s = summarize_stage(root, stage, now, reader)
+            s = summarize_stage(root, stage, now, reader, sealed=sealed)
             s["where"] = label
             out.append(s)
     return sorted(out, key=display_order)
@@ -308,14 +385,7 @@ def stages(reader: MarkerReader, root: str) -> list[str]:
     """The stages with markers under ``root``."""
     base = storage.join(root, markers.MARKER_DIR)
     if storage.is_s3(base):
-        prefix = base.rstrip("/") + "/"
-        return sorted(
-            {
-                u[len(prefix) :].split("/", 1)[0]
-                for u, _, _ in reader.list_tree(prefix, recursive=True)
-                if "/" in u[len(prefix) :]
-            }
-        )
+        return sorted(reader.list_children(base)[0])
     return markers.list_stages(root)
 
 

@@ -1,0 +1,106 @@
+"""Sealed stages: a complete stage is read from one verified summary, reopened by any claim,
+and a finished build's status on S3 costs the same requests at any shard count."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipeline_tasks.runtime import markers, sealing, status
+
+
+def _complete_stage(root: str, stage: str, n: int) -> markers.MarkerStore:
+    store = markers.MarkerStore(root, stage)
+    ids = [markers.shard_id(i) for i in range(n)]
+    store.write_plan(ids)
+    for i, sid in enumerate(ids):
+        st = markers.ShardStats(
+            n_in=10, n_out=9, drops={"caption_empty": 1}, duration_s=1.0,
+            started_at=100.0 + i, finished_at=101.0 + i,
+        )  # fmt: skip
+        store.mark_done(sid, st)
+    return store
+
+
+def test_complete_stage_is_sealed_read_from_its_summary_and_reopened_by_a_claim(tmp_path):
+    root = str(tmp_path / "run")
+    store = _complete_stage(root, "ner", 4)
+    first = status.summarize_stage(root, "ner", reader=status.MarkerReader())
+    assert first["complete"] and not first.get("sealed")
+    assert os.path.exists(store.summary_uri)
+    # the summary, not the markers, answers now: a marker removed behind status's back (no
+    # writer of the pipeline does that) shows only in --verify
+    os.remove(store._uri("00003", "done"))
+    sealed = status.summarize_stage(root, "ner", reader=status.MarkerReader())
+    assert sealed["sealed"] and (sealed["done"], sealed["samples_in"]) == (4, 40)
+    assert sealed["drops"] == {"caption_empty": 4}
+    deep = status.summarize_stage(root, "ner", reader=status.MarkerReader(), sealed=False)
+    assert (deep["done"], deep["pending"]) == (3, 1)
+    # a claim reopens the stage: its summary is gone and the markers are read again
+    store.claim("00003")
+    assert not os.path.exists(store.summary_uri)
+    live = status.summarize_stage(root, "ner", reader=status.MarkerReader())
+    assert not live.get("sealed") and (live["done"], live["running"]) == (3, 1)
+    markers.HEARTBEATS.remove(store._uri("00003", "running"))
+
+
+def test_a_summary_whose_checksum_does_not_match_is_not_trusted(tmp_path):
+    root = str(tmp_path / "run")
+    store = _complete_stage(root, "score", 3)
+    status.summarize_stage(root, "score", reader=status.MarkerReader())
+    assert sealing.read_sealed(store)["done"] == 3
+    doc = json.loads(open(store.summary_uri).read())
+    doc["body"] = doc["body"].replace('"done":3', '"done":2')  # edited, size kept
+    assert '"done":2' in doc["body"]
+    with open(store.summary_uri, "w") as f:
+        json.dump(doc, f)
+    assert sealing.read_sealed(store) is None
+    with open(store.summary_uri, "w") as f:
+        f.write('{"size": 10, "sha')  # torn
+    assert sealing.read_sealed(store) is None
+    s = status.summarize_stage(root, "score", reader=status.MarkerReader())
+    assert s["done"] == 3 and not s.get("sealed")  # from the markers, and sealed again
+    assert sealing.read_sealed(store)["done"] == 3
+
+
+def test_a_seal_made_while_a_marker_changed_is_withdrawn(tmp_path):
+    """The sealer lists the markers again after writing: a claim made between its read and
+    its write (whose own summary delete came too early to matter) withdraws the seal."""
+    root = str(tmp_path / "run")
+    store = _complete_stage(root, "write", 2)
+    reader = status.MarkerReader()
+    seen = {(u, v) for u, v, _ in reader.list_dir(store.dir)}
+    summary = status._summarize_markers(root, "write", 0.0, reader, store)
+    assert sealing.sealable(summary)
+    store.unmark_done("00001")  # the other writer: after its change it deleted no summary yet
+    assert not os.path.exists(store._uri("00001", "done"))
+    assert sealing.seal(store, summary, seen) is False
+    assert not os.path.exists(store.summary_uri)
+    s = status.summarize_stage(root, "write", reader=status.MarkerReader())
+    assert (s["done"], s["pending"], s.get("sealed")) == (1, 1, None)
+
+
+@pytest.mark.s3
+def test_status_requests_of_a_finished_build_do_not_grow_with_its_shards(s3_bucket):
+    from training.core import storage
+
+    calls: list[str] = []
+    client = storage.s3_client()
+    client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    warm = {}
+    for n in (5, 40):
+        top = f"{s3_bucket}/n{n}/v=2026-12-05"
+        for folder, stage in (("i2e_run/ner", "ner"), ("i2e_run/score", "score"), ("i2e", "write")):
+            root = f"{top}/{folder}"
+            _complete_stage(root, stage, n)
+            for i in range(n):  # the shard files the stage wrote beside its markers
+                storage.write_bytes(f"{root}/{markers.shard_id(i)}.parquet", b"x")
+        status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())  # seals
+        calls.clear()
+        summaries = status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())
+        assert len(summaries) == 3 and all(s["sealed"] and s["done"] == n for s in summaries)
+        warm[n] = sorted(calls)
+    assert warm[5] == warm[40]
+    assert warm[5].count("GetObject") == 3 and len(warm[5]) < 20

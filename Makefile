@@ -20,7 +20,7 @@ AIRFLOW_ARGS := $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 # runs on its hosts: PostgreSQL and Redis (SeaweedFS comes from PyPI, Spark with pyspark)
 SYSTEM_PACKAGES := chromium docker-compose postgresql redis-server
 
-.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench lint format clean distclean lock
+.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench bench-scale lint format clean distclean lock
 
 setup: system $(STAMP)
 
@@ -94,6 +94,11 @@ chaos: setup
 bench: setup
 	$(PY) tests/benchmarks/bench_corpus_memory.py --pairs 100000
 	$(PY) tests/benchmarks/bench_map.py
+
+# Cost at scale (README "Scale"): stage growth curves, 10k/200k/2M-entity KBs, the
+# bookkeeping of 110,000 shards x 5 stages; about 25 minutes here. Writes runs/bench-scale.
+bench-scale: setup
+	$(PY) tests/benchmarks/bench_scale.py --out runs/bench-scale
 
 lint: setup
 	$(VENV)/bin/ruff check .

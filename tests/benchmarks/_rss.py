@@ -28,6 +28,7 @@ def run_and_sample(
     proc = subprocess.Popen(cmd, **popen_kw)
     peak_total = peak_single = 0
     hwm: dict[int, int] = {}
+    names: dict[int, str] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -42,6 +43,8 @@ def run_and_sample(
                 for p in procs:
                     try:
                         hwm[p.pid] = max(hwm.get(p.pid, 0), peak_rss_bytes(p.pid))
+                        if p.pid not in names:
+                            names[p.pid] = " ".join(p.cmdline())[:300]
                         if with_pss:
                             info = p.memory_full_info()
                             pss.append(getattr(info, "pss", info.rss))
@@ -70,4 +73,7 @@ def run_and_sample(
         "peak_total_rss": peak_total,
         "peak_single_rss": peak_single,
         "peak_single_hwm": max(hwm.values(), default=0),
+        # every process of the tree: its command line and exact peak RSS (VmHWM)
+        "processes": [{"pid": pid, "cmd": names.get(pid, "?"), "hwm": n} for pid, n in hwm.items()],
+        "root_pid": proc.pid,
     }

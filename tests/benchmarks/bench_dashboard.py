@@ -34,7 +34,8 @@ STAGES = [
 ]
 
 
-def build_root(base: str, shards: int) -> str:
+def build_root(base: str, shards: int, finished: bool = False) -> str:
+    """``finished``: every shard of every stage done (no failed shards, no live claims)."""
     from pipeline_tasks.runtime import markers
 
     version = os.path.join(base, "v=2026-11-23")
@@ -47,11 +48,11 @@ def build_root(base: str, shards: int) -> str:
         store.write_plan(ids)
         os.makedirs(store.dir, exist_ok=True)
         for i, sid in enumerate(ids):
-            if stage == "write" and i % 200 == 7:  # 50 failed
+            if not finished and stage == "write" and i % 200 == 7:  # 50 failed
                 rec = {"shard": sid, "state": "failed", "error": f"OSError: shard {sid}: disk full",
                        "stats": markers.ShardStats().to_dict()}  # fmt: skip
                 name = f"{sid}.failed.json"
-            elif stage == "write" and i % 200 == 9:  # 50 in flight
+            elif not finished and stage == "write" and i % 200 == 9:  # 50 in flight
                 rec = {"shard": sid, "started_at": now - 5, "heartbeat_at": now, "token": sid, **me}
                 name = f"{sid}.running.json"
             else:
@@ -70,7 +71,7 @@ def build_root(base: str, shards: int) -> str:
                 rec = {"shard": sid, "state": "done", "stats": st.to_dict()}
                 name = f"{sid}.done.json"
             with open(os.path.join(store.dir, name), "w") as f:
-                json.dump(rec, f, indent=2)
+                json.dump(rec, f, indent=None if finished else 2)
     return base
 
 

@@ -1,0 +1,328 @@
+"""Cost at scale: each stage's time and per-process memory as the corpus grows, NER and
+scoring against knowledge bases of 10k, 200k and 2M entities, and the bookkeeping of a
+110,000-shard build. `make bench-scale` runs it (under 30 minutes here).
+
+    .venv/bin/python tests/benchmarks/bench_scale.py [--pairs 1000 3000 8000]
+        [--entities 200000 2000000] [--bookkeeping-shards 110000] [--out runs/bench-scale]
+
+1. **Growth in pairs.** One demo corpus of max(--pairs) pairs in shards of 1,000; each size
+   is its first N/1000 shards. ner, score (one scorer, bootstrapped once on the smallest
+   size), vocab and write run as CLI processes; each is timed and its process tree sampled
+   (``_rss.run_and_sample``: every process's exact peak RSS). Per stage: the time exponent
+   fitted over the sizes (target <= 1.05) and the largest / smallest peak of each process
+   kind (driver, JVM, Spark Python worker, scoring worker; target <= 1.2).
+2. **Entities.** The packaged KB (10,355 entities) and synthetic KBs of --entities
+   (``_synthetic_kb``: the real entities first, then generated people, places, works...).
+   Per KB: the linker index build (once per KB version), a linker process's start-up and
+   memory (``--probe``: open the mapped index, load spaCy, link 2,000 captions; PSS and RSS),
+   single-process captions/s, and the Spark ner job over the largest corpus (captions/s per
+   core over the shards' processing window, and end to end). Then ner and score of the
+   smallest corpus with the largest KB (scoring's start-up and memory). Targets: 2M / 10k captions/s >= 0.8; memory per
+   process <= 2 GiB and start-up <= 30 s at 2M; NER >= 1,000 captions/s per core.
+3. **Bookkeeping.** ``bench_bookkeeping`` over --bookkeeping-shards x 5 stages locally, and
+   the S3 request counts at two sizes on moto.
+
+Prints one RESULT block; the README's "Scale" section is built from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from _rss import run_and_sample  # noqa: E402
+
+MOFI = [sys.executable, "-m", "pipeline_tasks.cli"]
+LOG = os.environ.get("MOFI_BENCH_LOG", "/tmp/mofi-bench-scale.log")
+GiB = 1 << 30
+
+
+def kind_of(cmd: str, root: bool) -> str:
+    if root:
+        return "driver"
+    if "java" in cmd.split(" ", 1)[0] or "org.apache.spark" in cmd:
+        return "spark_jvm"
+    if "pyspark" in cmd and ("daemon" in cmd or "worker" in cmd):
+        return "spark_python_worker"
+    if "multiprocessing" in cmd or "spawn_main" in cmd:
+        return "worker"
+    return "other"
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    with open(LOG, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        r = run_and_sample(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    with open(LOG) as log:
+        log.seek(start)
+        text = log.read()
+    if r["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {r['rc']}): {text[-2000:]}")
+    peaks: dict[str, int] = {}
+    with open(LOG, "a") as log:
+        for p in r["processes"]:
+            k = kind_of(p["cmd"], p["pid"] == r["root_pid"])
+            peaks[k] = max(peaks.get(k, 0), p["hwm"])
+            log.write(f"# process {k} {p['hwm'] / GiB:.3f} GiB: {p['cmd'][:200]}\n")
+    results = {}
+    for line in text.splitlines():  # `mofi STAGE` prints "STAGE: {result json}"
+        name, sep, rest = line.partition(": {")
+        if sep and " " not in name:
+            try:
+                results[name] = json.loads("{" + rest)
+            except ValueError:
+                pass
+    return {"wall_s": r["wall_s"], "peaks": peaks, "results": results}
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum(
+        (a - mx) ** 2 for a in lx
+    )
+
+
+def subset_raw(full: str, out: str, n_shards: int) -> str:
+    """The first n shards of a raw corpus (hard links: the same bytes, no copy)."""
+    if os.path.isdir(out):
+        return out
+    os.makedirs(out)
+    shards = sorted(glob.glob(os.path.join(full, "0*.parquet")))[:n_shards]
+    for pq in shards:
+        for f in glob.glob(pq[: -len(".parquet")] + ".*"):
+            os.link(f, os.path.join(out, os.path.basename(f)))
+    return out
+
+
+# ---------------------------------------------------------------------- 1. growth in pairs
+def growth(args, kb: str, raw_full: str) -> dict:
+    sizes = sorted(args.pairs)
+    boot_raw = subset_raw(raw_full, f"{args.out}/raw_{sizes[0]}", sizes[0] // 1000)
+    scorer = f"{args.out}/scorer/packaged.pt"
+    if not os.path.exists(scorer):  # the entity objective trains on ner's links
+        subprocess.run(
+            [*MOFI, "-q", "ner", "--raw", boot_raw, "--kb", kb, "--run", f"{args.out}/boot",
+             "--no-progress"],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(
+            [*MOFI, "-q", "scorer-bootstrap", "--raw", boot_raw, "--kb", kb,
+             "--run", f"{args.out}/boot", "--out", scorer, "--no-progress"],
+            check=True,
+        )  # fmt: skip
+    table: dict[str, dict[int, dict]] = {}
+    for n in sizes:
+        raw = subset_raw(raw_full, f"{args.out}/raw_{n}", n // 1000)
+        run = f"{args.out}/run_{n}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(f"{args.out}/i2e_{n}", ignore_errors=True)
+        steps = {
+            "ner": ["ner", "--raw", raw, "--kb", kb, "--run", run],
+            "score": ["score", "--raw", raw, "--kb", kb, "--run", run,
+                      "--set", f"score.model={scorer}"],
+            "vocab": ["vocab", "--run", run, "--kb", kb],
+            "write": ["write", "--raw", raw, "--run", run, "--out", f"{args.out}/i2e_{n}"],
+        }  # fmt: skip
+        for stage, a in steps.items():
+            m = measured([*MOFI, "-q", *a, "--no-progress"])
+            table.setdefault(stage, {})[n] = m
+            peaks = ", ".join(f"{k} {v / GiB:.2f}" for k, v in sorted(m["peaks"].items()))
+            print(f"  {n:>6} pairs {stage:<6} {m['wall_s']:7.1f} s  peak GiB: {peaks}", flush=True)
+    out = {}
+    for stage, by_n in table.items():
+        ns = sorted(by_n)
+        b = exponent(ns, [by_n[n]["wall_s"] for n in ns])
+        kinds = sorted({k for n in ns for k in by_n[n]["peaks"]})
+        ratio = {
+            k: by_n[ns[-1]]["peaks"].get(k, 0) / max(1, by_n[ns[0]]["peaks"].get(k, 0))
+            for k in kinds
+            if by_n[ns[0]]["peaks"].get(k) and by_n[ns[-1]]["peaks"].get(k)
+        }
+        out[stage] = {
+            "seconds": {n: round(by_n[n]["wall_s"], 1) for n in ns},
+            "exponent": round(b, 3),
+            "peak_gib": {k: round(by_n[ns[-1]]["peaks"].get(k, 0) / GiB, 3) for k in kinds},
+            "memory_ratio": {k: round(v, 3) for k, v in ratio.items()},
+        }
+    return out
+
+
+# ---------------------------------------------------------------------- 2. entities
+def probe(index_uri: str, raw: str, n: int) -> dict:
+    """In a fresh process: open the linker on a published index, link n captions."""
+    import psutil
+    import pyarrow.parquet as pq
+
+    from pipeline_tasks.stages.ner.kb_index import open_local
+    from pipeline_tasks.stages.ner.linking import EntityLinker, LinkerConfig
+
+    caps = []
+    for f in sorted(glob.glob(os.path.join(raw, "0*.parquet"))):
+        caps += [
+            c for c in pq.read_table(f, columns=["caption"]).column("caption").to_pylist() if c
+        ]
+    caps = caps[:n]
+    t0 = time.perf_counter()
+    linker = EntityLinker(open_local(index_uri), LinkerConfig())
+    linker.link_texts(caps[:10])
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = linker.link_texts(caps)
+    rate = len(caps) / (time.perf_counter() - t0)
+    info = psutil.Process().memory_full_info()
+    return {
+        "startup_s": round(startup, 2),
+        "captions_per_s": round(rate, 1),
+        "rss_gib": round(info.rss / GiB, 3),
+        "pss_gib": round(info.pss / GiB, 3),
+        "uss_gib": round(info.uss / GiB, 3),
+        "linked_mentions": sum(1 for ms in out for m in ms if m["entity_id"]),
+    }
+
+
+def entities(args, kb: str, raw_full: str) -> dict:
+    from _synthetic_kb import write as write_kb
+
+    raw = subset_raw(raw_full, f"{args.out}/raw_{max(args.pairs)}", max(args.pairs) // 1000)
+    kbs = {10355: kb}
+    for n in args.entities:
+        kbs[n] = write_kb(n, f"{args.out}/kb_{n}")
+    out = {}
+    for n, kb_uri in kbs.items():
+        from pipeline_tasks.stages.kb.stage import kb_version
+        from pipeline_tasks.stages.ner import kb_index
+        from pipeline_tasks.stages.ner.linking import load_spacy
+
+        uri = kb_index.published_uri(kb_uri, kb_index.index_key(kb_version(kb_uri)))
+        shutil.rmtree(uri, ignore_errors=True)  # time the build, once per KB version
+        build = run_and_sample(
+            [sys.executable, "-c",
+             "import sys; from pipeline_tasks.stages.ner import kb_index;"
+             "from pipeline_tasks.stages.kb.stage import kb_version;"
+             "from pipeline_tasks.stages.ner.linking import load_spacy;"
+             "kb_index.ensure_published(sys.argv[1], kb_version(sys.argv[1]), load_spacy(use_ner=False))",
+             kb_uri],
+            cwd=ROOT,
+        )  # fmt: skip
+        assert build["rc"] == 0, build
+        del load_spacy
+        p = subprocess.run(
+            [sys.executable, __file__, "--probe", uri, raw, str(args.probe_captions)],
+            check=True, capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        pr = json.loads(p.stdout.strip().splitlines()[-1])
+        run = f"{args.out}/ner_kb_{n}"
+        shutil.rmtree(run, ignore_errors=True)
+        m = measured(
+            [*MOFI, "-q", "ner", "--raw", raw, "--kb", kb_uri, "--run", run, "--no-progress"]
+        )
+        st = [json.load(open(f))["stats"] for f in glob.glob(f"{run}/ner/_markers/ner/*.done.json")]
+        captions = sum(s["n_in"] for s in st)
+        window = max(s["finished_at"] for s in st) - min(s["started_at"] for s in st)
+        linking = sum(s["extra"].get("link_seconds", 0.0) for s in st)
+        cores = os.cpu_count() or 1
+        mb = (os.path.getsize(f"{uri}/meta.json") and sum(
+            os.path.getsize(os.path.join(uri, f)) for f in os.listdir(uri))) / (1 << 20)  # fmt: skip
+        out[n] = {
+            "index_build_s": round(build["wall_s"], 1),
+            "index_build_peak_gib": round(build["peak_single_hwm"] / GiB, 3),
+            "index_mib": round(mb, 1),
+            "probe": pr,
+            "spark_captions": captions,
+            "spark_wall_s": round(m["wall_s"], 1),
+            "spark_per_core_linking": round(captions / linking, 1) if linking else None,
+            "spark_per_core_window": round(captions / window / cores, 1),
+            "spark_per_core_end_to_end": round(captions / m["wall_s"] / cores, 1),
+            "spark_peak_gib": {k: round(v / GiB, 3) for k, v in m["peaks"].items()},
+        }
+        print(f"  KB {n:>9,} entities: {json.dumps(out[n])}", flush=True)
+    # scoring with the largest KB, over the smallest corpus's ner output made with it
+    n_max = max(kbs)
+    small = subset_raw(raw_full, f"{args.out}/raw_{min(args.pairs)}", min(args.pairs) // 1000)
+    run = f"{args.out}/score_kb_{n_max}"
+    shutil.rmtree(run, ignore_errors=True)
+    subprocess.run(
+        [*MOFI, "-q", "ner", "--raw", small, "--kb", kbs[n_max], "--run", run, "--no-progress"],
+        check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    m = measured(
+        [*MOFI, "-q", "score", "--raw", small, "--kb", kbs[n_max], "--run", run,
+         "--set", f"score.model={args.out}/scorer/packaged.pt", "--no-progress"]
+    )  # fmt: skip
+    res = m["results"].get("score", {})
+    keep = ("entities", "entities_embedded", "text_seconds", "image_seconds", "startup_s")
+    out["score_at_max"] = {
+        "entities": n_max,
+        "wall_s": round(m["wall_s"], 1),
+        "peak_gib": {k: round(v / GiB, 3) for k, v in m["peaks"].items()},
+        "result": {k: res.get(k) for k in keep},
+    }
+    print(f"  score with {n_max:,} entities: {json.dumps(out['score_at_max'])}", flush=True)
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        print(json.dumps(probe(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, nargs="+", default=[1000, 3000, 8000])
+    ap.add_argument("--entities", type=int, nargs="+", default=[200_000, 2_000_000])
+    ap.add_argument("--probe-captions", type=int, default=2000)
+    ap.add_argument("--bookkeeping-shards", type=int, default=110_000)
+    ap.add_argument("--s3-shards", type=int, nargs="+", default=[250, 1000])
+    ap.add_argument("--out", default="runs/bench-scale")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["growth", "entities", "bookkeeping"])
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_all = time.time()
+    kb = f"{args.out}/kb"
+    if not os.path.exists(f"{kb}/entities.parquet"):
+        subprocess.run([*MOFI, "-q", "kb", "--out", kb], check=True)
+    raw_full = f"{args.out}/raw_full"
+    if not os.path.isdir(raw_full):
+        subprocess.run(
+            [*MOFI, "-q", "corpus", "--out", raw_full, "--kb", kb, "--pairs",
+             str(max(args.pairs)), "--seed", "0", "--config", "demo"],
+            check=True,
+        )  # fmt: skip
+    result = {}
+    if "growth" not in args.skip:
+        print("1. growth in pairs", flush=True)
+        result["growth"] = growth(args, kb, raw_full)
+    if "entities" not in args.skip:
+        print("2. entities", flush=True)
+        result["entities"] = entities(args, kb, raw_full)
+    if "bookkeeping" not in args.skip:
+        import bench_bookkeeping
+
+        print("3. bookkeeping", flush=True)
+        result["bookkeeping"] = {
+            "local": bench_bookkeeping.local_part(args.bookkeeping_shards, ""),
+            "s3": bench_bookkeeping.s3_part(args.s3_shards),
+        }
+    result["total_s"] = round(time.time() - t_all, 1)
+    with open(f"{args.out}/result.json", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print("RESULT " + json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

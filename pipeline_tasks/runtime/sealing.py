@@ -15,22 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from training.core import storage
-from training.core.tempfiles import is_temp_name
 
 from . import markers
-
-
-def _files(folder: str) -> list[os.DirEntry]:
-    try:
-        with os.scandir(folder) as it:
-            return [e for e in it if e.is_file() and not is_temp_name(e.name)]
-    except FileNotFoundError:
-        return []
 
 
 def sealable(s: dict[str, Any]) -> bool:
@@ -52,11 +43,14 @@ def read_sealed(store: markers.MarkerStore) -> dict[str, Any] | None:
     return json.loads(body)
 
 
-def seal(store: markers.MarkerStore, summary: dict[str, Any], seen: set) -> bool:
-    """Write the summary of a complete stage, then list its markers again: if any changed
-    since ``seen`` (the listing the summary was made from), withdraw it. A writer that
-    changes a marker later deletes it itself (``drop_summary``). False when not sealed
-    (changed, or storage refused the write: a read-only dashboard)."""
+def seal(
+    store: markers.MarkerStore, summary: dict[str, Any], seen: set, relist: Callable[[], set]
+) -> bool:
+    """Write the summary of a complete stage, then list its markers again (``relist``: the
+    marker folder's (uri, version) pairs, fresh): if any changed since ``seen`` (the listing
+    the summary was made from), withdraw it. A writer that changes a marker later deletes it
+    itself (``drop_summary``). False when not sealed (changed, or storage refused the write:
+    a read-only dashboard)."""
     body = json.dumps(
         {**summary, "sealed_at": time.time()}, sort_keys=True, separators=(",", ":")
     ).encode()
@@ -65,14 +59,8 @@ def seal(store: markers.MarkerStore, summary: dict[str, Any], seen: set) -> bool
         storage.write_json(store.summary_uri, doc, indent=None)
     except (OSError, storage.StorageError):
         return False
-    if storage.is_s3(store.dir):
-        bucket, kp = storage.split_s3(store.dir.rstrip("/") + "/")
-        objs = storage._s3_list(bucket, kp, False, store.dir)
-        now = {(f"s3://{bucket}/{o['Key']}", o.get("ETag")) for o in objs}
-    else:
-        now = {(e.path, (e.stat().st_mtime_ns, e.stat().st_size)) for e in _files(store.dir)}
     summary_uri = store.summary_uri
-    if {x for x in now if x[0] != summary_uri} != {x for x in seen if x[0] != summary_uri}:
+    if {x for x in relist() if x[0] != summary_uri} != {x for x in seen if x[0] != summary_uri}:
         store.drop_summary()
         return False
     return True

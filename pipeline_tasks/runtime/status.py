@@ -147,10 +147,13 @@ class MarkerReader:
         return doc
 
     # -- markers of one stage
-    def stage_records(self, store: markers.MarkerStore) -> tuple[dict | None, dict[str, dict]]:
-        """(plan, shard -> winning record with its state: ``markers.pick_records``)."""
+    def stage_records(
+        self, store: markers.MarkerStore, listing: list[tuple[str, Any, int]] | None = None
+    ) -> tuple[dict | None, dict[str, dict]]:
+        """(plan, shard -> winning record with its state: ``markers.pick_records``), from
+        ``listing`` (the marker folder's) when the caller already made it."""
         plan = None
-        listing = self.list_dir(store.dir)
+        listing = self.list_dir(store.dir) if listing is None else listing
         self._forget_missing(store.dir, {u for u, _, _ in listing})
         for uri, version, _ in listing:
             if uri.rsplit("/", 1)[-1] == "_plan.json":
@@ -249,16 +252,21 @@ def summarize_stage(
         if doc is not None:
             return {**doc, "root": root, "sealed": True}
     listing = reader.list_dir(store.dir)
-    s = _summarize_markers(root, stage, now, reader, store)
+    s = _summarize_markers(store, now, reader, listing)
     if sealed and sealing.sealable(s):
-        sealing.seal(store, s, {(u, v) for u, v, _ in listing})
+
+        def relist() -> set:  # a fresh listing (no cached S3 page), in the same form
+            return {(u, v) for u, v, _ in MarkerReader(listing_ttl_s=0).list_dir(store.dir)}
+
+        sealing.seal(store, s, {(u, v) for u, v, _ in listing}, relist)
     return s
 
 
 def _summarize_markers(
-    root: str, stage: str, now: float, reader: MarkerReader, store: markers.MarkerStore
+    store: markers.MarkerStore, now: float, reader: MarkerReader, listing=None
 ) -> dict[str, Any]:
-    plan, recs = reader.stage_records(store)
+    root, stage = store.root, store.stage
+    plan, recs = reader.stage_records(store, listing)
     planned = set(plan["shards"]) if plan else set()
     invalid = _verify_done(reader, root, recs)
     counts: Counter[str] = Counter()

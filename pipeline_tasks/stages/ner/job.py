@@ -58,18 +58,18 @@ def _read_captions(parquet_uri: str) -> pd.DataFrame:
         return pf.read(columns=["key", "caption"]).to_pandas()
 
 
-def _shard_rows(spec: dict, shard: str, parquet_uri: str, t0: float) -> list[dict]:
+def _shard_rows(spec: dict, shard: str, parquet_uri: str, t0: float) -> tuple[list[dict], float]:
     """One row per caption of a shard: its status (ok, a drop reason, or a counted
-    truncation) and, when linked, its mentions."""
+    truncation) and, when linked, its mentions; and the seconds its linking took."""
     from pipeline_tasks.stages.ner.linking import clean_caption
 
-    def row(key, status, mentions=None, t_link=None) -> dict:
+    def row(key, status, mentions=None) -> dict:
         return {
             "shard": shard,
             "key": key,
             "status": status,
             "t_start": t0,
-            "t_link": t_link,
+            "t_link": None,
             "mentions": mentions,
         }
 
@@ -94,9 +94,7 @@ def _shard_rows(spec: dict, shard: str, parquet_uri: str, t0: float) -> list[dic
     for key, mentions in zip(keys, linked_all, strict=True):
         linked = any(m["entity_id"] for m in mentions)
         rows.append(row(key, "ok" if linked else "no_linked_mention", mentions if linked else None))
-    if rows:
-        rows[-1]["t_link"] = t_link
-    return rows
+    return rows, t_link
 
 
 def ner_partition(spec: dict, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -117,7 +115,8 @@ def ner_partition(spec: dict, batches: Iterator[pd.DataFrame]) -> Iterator[pd.Da
                 "mentions": None,
             }
             try:
-                yield pd.DataFrame([sentinel] + _shard_rows(spec, shard, parquet_uri, t0))
+                rows, t_link = _shard_rows(spec, shard, parquet_uri, t0)
+                yield pd.DataFrame([{**sentinel, "t_link": t_link}] + rows)
             except Exception as exc:  # the shard fails alone; the others go on
                 st = markers.ShardStats(
                     started_at=t0, finished_at=time.time(), duration_s=time.time() - t0

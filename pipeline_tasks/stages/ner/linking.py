@@ -110,8 +110,8 @@ def load_spacy(use_ner: bool = True):
 
 def _blas_ops():
     """thinc's CPU ops with matrix products through numpy's BLAS (OpenBLAS) instead of
-    blis: NER 849 -> 1,174 captions/s in one thread here, the same entities on 3,000
-    captions (``tests/benchmarks/bench_ner_throughput.py`` measures it). Callers bound the
+    blis: NER 849 -> 1,174 captions/s in one thread here, the same entities on 3,000 demo
+    captions (measured once, 2026-12-05, with a one-off script). Callers bound the
     BLAS threads (``link_texts``) so Spark's Python workers do not oversubscribe the cores."""
     import numpy
     from thinc.api import NumpyOps
@@ -172,10 +172,15 @@ class EntityLinker:
         return hit
 
     def _score(
-        self, row: int, prior: float, label: str, context: set[int], context_types: set[str]
+        self,
+        row: int,
+        etype: str,
+        prior: float,
+        label: str,
+        context: set[int],
+        context_types: set[str],
     ) -> float:
         c = self.config
-        etype = self.index.entity_type(row)
         if label in _LABEL_TYPES:
             compat = 1.0 if etype in _LABEL_TYPES[label] else 0.2
         else:
@@ -265,6 +270,7 @@ class EntityLinker:
                     etype = self.index.entity_type(row)
                     sc = self._score(
                         row,
+                        etype,
                         prior,
                         label,
                         ctx,

@@ -72,11 +72,12 @@ def test_a_seal_made_while_a_marker_changed_is_withdrawn(tmp_path):
     store = _complete_stage(root, "write", 2)
     reader = status.MarkerReader()
     seen = {(u, v) for u, v, _ in reader.list_dir(store.dir)}
-    summary = status._summarize_markers(root, "write", 0.0, reader, store)
+    summary = status._summarize_markers(store, 0.0, reader)
     assert sealing.sealable(summary)
     store.unmark_done("00001")  # the other writer: after its change it deleted no summary yet
     assert not os.path.exists(store._uri("00001", "done"))
-    assert sealing.seal(store, summary, seen) is False
+    relist = lambda: {(u, v) for u, v, _ in status.MarkerReader().list_dir(store.dir)}  # noqa: E731
+    assert sealing.seal(store, summary, seen, relist) is False
     assert not os.path.exists(store.summary_uri)
     s = status.summarize_stage(root, "write", reader=status.MarkerReader())
     assert (s["done"], s["pending"], s.get("sealed")) == (1, 1, None)

@@ -46,6 +46,8 @@ from ..kb.names import base_name, normalize_name
 INDEX_FORMAT = 1
 INDEX_DIR = "_linker_index"
 MAX_TOKENS = 255  # longer surface forms are left out
+_NO_ROWS = np.zeros(0, np.int32)
+_NO_PRIORS = np.zeros(0, np.float64)
 _ARRAYS = (
     "pat_hash",
     "first_hash",
@@ -221,7 +223,11 @@ class KBIndex:
             raise ValueError(
                 f"{path}: linker index format {meta.get('format')}, need {INDEX_FORMAT}"
             )
-        arrays = {n: np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r") for n in _ARRAYS}
+        # plain ndarray views of the maps: slicing a np.memmap makes a memmap object each time
+        # (a third of the linking time at 2M entities)
+        arrays = {
+            n: np.asarray(np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r")) for n in _ARRAYS
+        }
         table = pa.ipc.open_file(pa.memory_map(os.path.join(path, "entity_ids.arrow"))).read_all()
         ids = table.column("entity_id").combine_chunks()
         return cls(arrays, ids, meta.pop("types"), meta)
@@ -266,28 +272,21 @@ class KBIndex:
             at += len(b)
         return out
 
-    def candidates(self, key: str, limit: int | None = None) -> dict[int, float]:
-        """entity row -> prior of a normalised surface form (the ``limit`` best priors)."""
+    def candidates(self, key: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(entity rows, priors) of a normalised surface form, highest prior first (the
+        ``limit`` best); empty arrays when no entity has it."""
         from spacy.strings import get_string_id
 
         kh = self.arrays["key_hash"]
-        if not len(kh):
-            return {}
         h = np.uint64(get_string_id(key))
-        i = int(np.searchsorted(kh, h))
+        i = int(np.searchsorted(kh, h)) if len(kh) else 0
         if i >= len(kh) or kh[i] != h:
-            return {}
+            return _NO_ROWS, _NO_PRIORS
         off = self.arrays["key_off"]
         lo, hi = int(off[i]), int(off[i + 1])
         if limit is not None:
             hi = min(hi, lo + limit)
-        return dict(
-            zip(
-                self.arrays["cand_ent"][lo:hi].tolist(),
-                self.arrays["cand_prior"][lo:hi].tolist(),
-                strict=True,
-            )
-        )
+        return self.arrays["cand_ent"][lo:hi], self.arrays["cand_prior"][lo:hi]
 
     def entity_id(self, row: int) -> str:
         return self.entity_ids[row].as_py()
@@ -295,9 +294,21 @@ class KBIndex:
     def entity_type(self, row: int) -> str:
         return self.types[int(self.arrays["ent_type"][row])]
 
-    def context_words(self, row: int) -> np.ndarray:
+    def context_overlap(self, rows: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """Per row: how many of its context words are in ``words`` (sorted unique ids)."""
         off = self.arrays["ctx_off"]
-        return self.arrays["ctx_word"][int(off[row]) : int(off[row + 1])]
+        lo = off[rows].astype(np.int64)
+        n = off[rows + 1].astype(np.int64) - lo
+        total = int(n.sum())
+        if not len(words) or not total:
+            return np.zeros(len(rows), np.int64)
+        starts = np.cumsum(n) - n
+        # every row's slice of ctx_word, one after another
+        vals = self.arrays["ctx_word"][np.repeat(lo - starts, n) + np.arange(total)]
+        pos = np.minimum(np.searchsorted(words, vals), len(words) - 1)
+        hits = np.zeros(total + 1, np.int64)
+        np.cumsum(words[pos] == vals, out=hits[1:])
+        return hits[starts + n] - hits[starts]
 
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in self.arrays.values()) + self.entity_ids.nbytes)

@@ -61,6 +61,9 @@ _LABEL_TYPES = {
     "PRODUCT": {"technology", "concept"},
     "LANGUAGE": {"society", "concept"},
 }
+# Up to this many candidates a mention is scored one candidate at a time (numpy's per-call
+# overhead is more than the work), beyond it all at once.
+_FEW = 8
 # Labels that never name a KB entity we want (numbers, dates, money...).
 _SKIP_LABELS = {"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL"}
 
@@ -145,51 +148,93 @@ class EntityLinker:
         if not isinstance(kb, KBIndex):
             kb = KBIndex.build(kb, self.nlp.tokenizer, self.stop)
         self.index = kb
-        self._cands: dict[str, dict[int, float]] = {}
+        self._cands: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._compat_by_label: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ linking
-    def candidates(self, text: str) -> dict[int, float]:
-        """KB row -> prior of the entities a mention's text can name."""
+    def candidates(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(KB rows, priors) of the entities a mention's text can name."""
         hit = self._cands.get(text)
         if hit is not None:
             return hit
         key = normalize_name(text)
 
-        def look(k: str) -> dict[int, float]:
+        def look(k: str) -> tuple[np.ndarray, np.ndarray]:
             return self.index.candidates(k, self.config.max_candidates)
 
         hit = look(key)
-        if not hit:
+        if not len(hit[0]):
             for prefix in ("the ", "a ", "an "):
                 if key.startswith(prefix):
                     hit = look(key[len(prefix) :])
                     break
-        if not hit and key.endswith("'s"):
+        if not len(hit[0]) and key.endswith("'s"):
             hit = look(key[:-2])
         if len(self._cands) > 100_000:
             self._cands.clear()
         self._cands[text] = hit
         return hit
 
-    def _score(
+    def _compat(self, label: str) -> np.ndarray:
+        """Per entity type code: how well the type fits a mention's NER label."""
+        hit = self._compat_by_label.get(label)
+        if hit is None:
+            allowed = _LABEL_TYPES.get(label)
+            hit = np.array(
+                [0.5 if allowed is None else 1.0 if t in allowed else 0.2 for t in self.index.types]
+            )
+            self._compat_by_label[label] = hit
+        return hit
+
+    def _best(
         self,
-        row: int,
-        etype: str,
-        prior: float,
+        rows: np.ndarray,
+        priors: np.ndarray,
         label: str,
-        context: set[int],
+        context: np.ndarray,
         context_types: set[str],
-    ) -> float:
+    ) -> tuple[int | None, float]:
+        """The best-scoring candidate (None when none scores above 0) and its score: prior,
+        type compatibility and context, all candidates at once; ties go to the smallest
+        entity id."""
         c = self.config
-        if label in _LABEL_TYPES:
-            compat = 1.0 if etype in _LABEL_TYPES[label] else 0.2
-        else:
-            compat = 0.5
-        overlap = sum(1 for w in self.index.context_words(row).tolist() if w in context)
-        ctx = min(1.0, overlap / 3.0)
-        if etype in context_types:
-            ctx = min(1.0, ctx + 0.34)
-        return c.w_prior * prior + c.w_type * compat + c.w_context * ctx
+        codes = self.index.arrays["ent_type"][rows]
+        types = self.index.types
+        if len(rows) == 1:  # a lone candidate's own type is no evidence for itself
+            context_types = context_types - {types[int(codes[0])]}
+        if len(rows) <= _FEW:
+            return self._best_few(rows, priors, label, context, context_types, codes)
+        in_ctx = np.array([t in context_types for t in types], bool)[codes]
+        ctx = np.minimum(1.0, self.index.context_overlap(rows, context) / 3.0)
+        ctx = np.where(in_ctx, np.minimum(1.0, ctx + 0.34), ctx)
+        score = c.w_prior * priors + c.w_type * self._compat(label)[codes] + c.w_context * ctx
+        top = float(score.max())
+        if top <= 0.0:
+            return None, 0.0
+        tied = rows[score == top].tolist()
+        if len(tied) == 1:
+            return tied[0], top
+        return min(tied, key=self.index.entity_id), top
+
+    def _best_few(self, rows, priors, label, context, context_types, codes):
+        """:meth:`_best` for a few candidates, one at a time (the same floats: numpy's
+        overhead per call is more than the work here)."""
+        c = self.config
+        compat = self._compat(label)
+        off, words = self.index.arrays["ctx_off"], self.index.arrays["ctx_word"]
+        ctx_set = set(context.tolist())
+        best, best_id, best_score = None, None, 0.0
+        for row, prior, code in zip(rows.tolist(), priors.tolist(), codes.tolist(), strict=True):
+            overlap = sum(1 for w in words[off[row] : off[row + 1]].tolist() if w in ctx_set)
+            ctx = min(1.0, overlap / 3.0)
+            if self.index.types[code] in context_types:
+                ctx = min(1.0, ctx + 0.34)
+            sc = c.w_prior * prior + c.w_type * float(compat[code]) + c.w_context * ctx
+            if sc > best_score or (sc == best_score and best is not None):
+                eid = self.index.entity_id(row)
+                if sc > best_score or eid < best_id:
+                    best, best_id, best_score = row, eid, sc
+        return best, best_score
 
     def _word_ids(self, text: str) -> set[int]:
         return {get_string_id(w) for w in content_words(text, self.stop)}
@@ -235,7 +280,7 @@ class EntityLinker:
         # span (it carries a label). An unlinkable NER span ("star - Erasmus" as one ORG)
         # must not hide the KB names inside it, so those come last.
         def order(sp: tuple[int, int, str]) -> tuple:
-            linkable = bool(self.candidates(span_text(sp)))
+            linkable = len(self.candidates(span_text(sp))[0]) > 0
             return (not linkable, -(sp[1] - sp[0]), sp[0], sp[2] == "KB")
 
         spans.sort(key=order)
@@ -256,30 +301,17 @@ class EntityLinker:
         # unambiguous mentions give context types for the ambiguous ones
         context_types = set()
         for _, text, _ in chosen:
-            cands = self.candidates(text)
-            if len(cands) == 1:
-                context_types.add(self.index.entity_type(next(iter(cands))))
+            rows = self.candidates(text)[0]
+            if len(rows) == 1:
+                context_types.add(self.index.entity_type(int(rows[0])))
         out = []
         for (start_char, end_char), text, label in chosen:
-            cands = self.candidates(text)
-            best, best_id, best_score = None, None, 0.0
-            if cands:
-                own = self._word_ids(text)
-                ctx = words - own
-                for row, prior in cands.items():
-                    etype = self.index.entity_type(row)
-                    sc = self._score(
-                        row,
-                        etype,
-                        prior,
-                        label,
-                        ctx,
-                        context_types - ({etype} if len(cands) == 1 else set()),
-                    )
-                    if sc > best_score or (sc == best_score and best is not None):
-                        eid = self.index.entity_id(row)
-                        if sc > best_score or eid < best_id:
-                            best, best_id, best_score = row, eid, sc
+            rows, priors = self.candidates(text)
+            best, best_score = None, 0.0
+            if len(rows):
+                ctx = np.array(sorted(words - self._word_ids(text)), np.uint64)
+                best, best_score = self._best(rows, priors, label, ctx, context_types)
+            best_id = self.index.entity_id(best) if best is not None else None
             if best is not None and best_score < self.config.min_link_score:
                 best = None
             if best is None and label == "KB":

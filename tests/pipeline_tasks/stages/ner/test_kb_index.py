@@ -95,13 +95,59 @@ def test_saved_index_is_mapped_and_links_the_same(nlp, kb_table, tmp_path):
     built = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
     built.save(str(tmp_path / "index"))
     opened = kb_index.KBIndex.open(str(tmp_path / "index"))
-    assert all(isinstance(a, np.memmap) for a in opened.arrays.values())
+    # plain ndarray views over the file maps (slicing a np.memmap is slow)
+    assert all(isinstance(a.base, np.memmap) for a in opened.arrays.values())
     assert opened.meta == built.meta and opened.types == built.types
     captions = _captions(kb_table, 300, seed=1)
     in_memory = EntityLinker(kb_table, LinkerConfig(), nlp=nlp).link_texts(captions)
     mapped = EntityLinker(opened, LinkerConfig(), nlp=nlp).link_texts(captions)
     assert mapped == in_memory
     assert sum(1 for ms in mapped for m in ms if m["entity_id"]) > 300
+
+
+def test_context_overlap_counts_each_rows_words(nlp, kb_table):
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    index = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
+    off, words_all = index.arrays["ctx_off"], index.arrays["ctx_word"]
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, len(off) - 1, 400).astype(np.int32)  # repeats included
+    picked = rng.choice(words_all, 300, replace=False)
+    words = np.unique(np.concatenate([picked, rng.integers(1, 2**63, 50, dtype=np.uint64)]))
+    wanted = set(words.tolist())
+    want = [sum(w in wanted for w in words_all[off[r] : off[r + 1]].tolist()) for r in rows]
+    got = index.context_overlap(rows, words).tolist()
+    assert got == want
+    assert sum(want) > 50  # the check saw overlaps, not only zeros
+    assert index.context_overlap(rows, words[:0]).tolist() == [0] * len(rows)
+
+
+def test_ambiguous_mentions_pick_by_context_then_the_smallest_id(nlp):
+    """Candidates scored together: context words decide; a tie goes to the smallest id."""
+    from pipeline_tasks.stages.kb.stage import KB_SCHEMA
+
+    rows = [
+        ("Q30", "Mercury", [], "planet closest to the sun", "concept"),
+        ("Q20", "Mercury", [], "chemical element, a liquid metal", "concept"),
+        ("Q10", "Orion Pax", [], "a robot", "concept"),
+        ("Q11", "Orion Pax", [], "a robot", "concept"),
+    ]
+    table = pa.Table.from_pylist(
+        [
+            dict(zip(("entity_id", "name", "aliases", "description", "type"), r, strict=True))
+            | {"summary": "", "source": "test"}
+            for r in rows
+        ],
+        schema=KB_SCHEMA,
+    )
+    cfg = LinkerConfig(use_ner=False, min_link_score=0.0)
+    linker = EntityLinker(table, cfg, nlp=load_spacy(use_ner=False))
+    planet, metal, tie = linker.link_texts(
+        ["mercury seen from the sun side", "a drop of liquid mercury", "orion pax toy"]
+    )
+    assert [m["entity_id"] for m in planet] == ["Q30"]
+    assert [m["entity_id"] for m in metal] == ["Q20"]
+    assert [m["entity_id"] for m in tie] == ["Q10"]
 
 
 def test_index_rejects_another_format(nlp, kb_table, tmp_path):

@@ -119,8 +119,11 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
             description="bootstrap a new packaged scorer instead of keeping the reused version's "
             "(every shard is then scored again)",
         ),
+        # 87: a task's fixed cost (Airflow 0.26 s at 1,024 mapped tasks + a score worker's
+        # 9.3 s start-up at 2M entities) is 10 % of a task scoring 10,000-pair shards at
+        # 10,000 images/s (tests/benchmarks/bench_map_size.py; README "Scale")
         "score_batch_shards": Param(
-            8,
+            87,
             type="integer",
             minimum=1,
             description="raw shards per mapped scoring task (grows so that at most 1024 tasks are mapped)",

@@ -20,7 +20,7 @@ AIRFLOW_ARGS := $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 # runs on its hosts: PostgreSQL and Redis (SeaweedFS comes from PyPI, Spark with pyspark)
 SYSTEM_PACKAGES := chromium docker-compose postgresql redis-server
 
-.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench bench-scale lint format clean distclean lock
+.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench bench-scale bench-map lint format clean distclean lock
 
 setup: system $(STAMP)
 
@@ -96,9 +96,16 @@ bench: setup
 	$(PY) tests/benchmarks/bench_map.py
 
 # Cost at scale (README "Scale"): stage growth curves, 10k/200k/2M-entity KBs, the
-# bookkeeping of 110,000 shards x 5 stages; about 25 minutes here. Writes runs/bench-scale.
+# bookkeeping of 110,000 shards x 5 stages, and the plan at 1.1B pairs (which reads
+# runs/bench-map when bench-map ran first); under 30 minutes here. Writes runs/bench-scale.
 bench-scale: setup
 	$(PY) tests/benchmarks/bench_scale.py --out runs/bench-scale
+
+# Airflow's cost per mapped scoring task at 64, 256 and 1,024 mapped tasks (local Airflow,
+# LocalExecutor). Writes runs/bench-map/result.json.
+bench-map: setup
+	mkdir -p runs/bench-map
+	$(PY) tests/benchmarks/bench_map_size.py --work runs/bench-map/work --out runs/bench-map/result.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 scoring against knowledge bases of 10k, 200k and 2M entities, and the bookkeeping of a
 110,000-shard build. `make bench-scale` runs it (under 30 minutes here).
 
-    .venv/bin/python tests/benchmarks/bench_scale.py [--pairs 1000 3000 8000]
+    .venv/bin/python tests/benchmarks/bench_scale.py [--pairs 1000 2000 8000]
         [--entities 200000 2000000] [--bookkeeping-shards 110000] [--out runs/bench-scale]
 
 1. **Growth in pairs.** One demo corpus of max(--pairs) pairs in shards of 1,000; each size
@@ -21,6 +21,9 @@ scoring against knowledge bases of 10k, 200k and 2M entities, and the bookkeepin
    process <= 2 GiB and start-up <= 30 s at 2M; NER >= 1,000 captions/s per core.
 3. **Bookkeeping.** ``bench_bookkeeping`` over --bookkeeping-shards x 5 stages locally, and
    the S3 request counts at two sizes on moto.
+4. **The plan** at 1.1B pairs and 2M entities (``_paper_plan``) from the figures above, the
+   storage per pair of the largest growth run, the FLOPs of a training step
+   (``bench_train.py --flops-only``) and, when present, ``bench_map_size``'s result.
 
 Prints one RESULT block; the README's "Scale" section is built from it.
 """
@@ -163,6 +166,50 @@ def growth(args, kb: str, raw_full: str) -> dict:
     return out
 
 
+def _bytes(pattern: str) -> int:
+    return sum(os.path.getsize(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+
+
+def storage(out: str, n: int) -> dict:
+    """Bytes per pair of each stage's output in the growth run of n pairs; the I2E shards
+    against the raw tars; the entity embedding cache per entity."""
+    import pyarrow.parquet as pq
+
+    run = f"{out}/run_{n}"
+    per = {
+        "ner": _bytes(f"{run}/ner/0*.parquet"),
+        "score": _bytes(f"{run}/score/0*.parquet"),
+        "score_embeddings": _bytes(f"{run}/score/embeddings/**"),
+        "vocab": _bytes(f"{run}/vocab/**"),
+        "labels": _bytes(f"{run}/labels/0*.parquet"),
+    }
+    caches = glob.glob(f"{run}/score/_embedding_cache/*/*.parquet")
+    ent = sum(pq.ParquetFile(f).metadata.num_rows for f in caches)
+    return {
+        "pairs": n,
+        "bytes_per_pair": {k: v / n for k, v in per.items()},
+        "i2e_over_raw": _bytes(f"{out}/i2e_{n}/*") / max(1, _bytes(f"{out}/raw_{n}/*")),
+        "entity_cache_bytes_per_entity": _bytes(f"{run}/score/_embedding_cache/**") / ent
+        if ent
+        else None,
+    }
+
+
+def train_flops(i2e: str) -> float | None:
+    """FLOPs of one b16_8gpu training step per image (bench_train --flops-only, CPU)."""
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "bench_train.py"), "--i2e", i2e, "--config",
+         "b16_8gpu", "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
+         "--workers", "0", "--flops-only"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    for line in p.stdout.splitlines():
+        if "GFLOP per image" in line:
+            return float(line.split(":")[-1].split("GFLOP")[0]) * 1e9
+    print(f"  bench_train --flops-only failed: {p.stderr[-500:]}", flush=True)
+    return None
+
+
 # ---------------------------------------------------------------------- 2. entities
 def probe(index_uri: str, raw: str, n: int) -> dict:
     """In a fresh process: open the linker on a published index, link n captions."""
@@ -185,10 +232,18 @@ def probe(index_uri: str, raw: str, n: int) -> dict:
     t0 = time.perf_counter()
     out = linker.link_texts(caps)
     rate = len(caps) / (time.perf_counter() - t0)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # spaCy's NER alone, as link_texts runs it
+        t0 = time.perf_counter()
+        for _ in linker.nlp.pipe(caps, batch_size=linker.config.batch_size):
+            pass
+        ner_rate = len(caps) / (time.perf_counter() - t0)
     info = psutil.Process().memory_full_info()
     return {
         "startup_s": round(startup, 2),
         "captions_per_s": round(rate, 1),
+        "ner_alone_captions_per_s": round(ner_rate, 1),
         "rss_gib": round(info.rss / GiB, 3),
         "pss_gib": round(info.pss / GiB, 3),
         "uss_gib": round(info.uss / GiB, 3),
@@ -282,12 +337,16 @@ def main() -> int:
         print(json.dumps(probe(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, nargs="+", default=[1000, 3000, 8000])
+    ap.add_argument("--pairs", type=int, nargs="+", default=[1000, 2000, 8000])
     ap.add_argument("--entities", type=int, nargs="+", default=[200_000, 2_000_000])
     ap.add_argument("--probe-captions", type=int, default=2000)
     ap.add_argument("--bookkeeping-shards", type=int, default=110_000)
-    ap.add_argument("--s3-shards", type=int, nargs="+", default=[250, 1000])
+    ap.add_argument("--s3-shards", type=int, nargs="+", default=[50, 400])
     ap.add_argument("--out", default="runs/bench-scale")
+    ap.add_argument(
+        "--map-result", default="runs/bench-map/result.json",
+        help="bench_map_size.py's result (make bench-map) for the plan's mapped tasks",
+    )  # fmt: skip
     ap.add_argument("--skip", nargs="*", default=[], choices=["growth", "entities", "bookkeeping"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -302,22 +361,57 @@ def main() -> int:
              str(max(args.pairs)), "--seed", "0", "--config", "demo"],
             check=True,
         )  # fmt: skip
-    result = {}
+    result: dict = {"section_s": {}}
+    t = time.time()
     if "growth" not in args.skip:
         print("1. growth in pairs", flush=True)
         result["growth"] = growth(args, kb, raw_full)
+        result["storage"] = storage(args.out, max(args.pairs))
+        result["section_s"]["growth"] = round(time.time() - t, 1)
     if "entities" not in args.skip:
+        t = time.time()
         print("2. entities", flush=True)
         result["entities"] = entities(args, kb, raw_full)
+        result["section_s"]["entities"] = round(time.time() - t, 1)
     if "bookkeeping" not in args.skip:
         import bench_bookkeeping
 
+        t = time.time()
         print("3. bookkeeping", flush=True)
         result["bookkeeping"] = {
             "local": bench_bookkeeping.local_part(args.bookkeeping_shards, ""),
             "s3": bench_bookkeeping.s3_part(args.s3_shards),
         }
+        result["section_s"]["bookkeeping"] = round(time.time() - t, 1)
+    saved = f"{args.out}/result.json"
+    if args.skip and os.path.exists(saved):  # a partial rerun keeps the other sections' figures
+        with open(saved) as f:
+            prev = json.load(f)
+        for key in ("growth", "storage", "entities", "bookkeeping"):
+            if key not in result and key in prev:
+                result[key] = prev[key]
+        for key, v in prev.get("section_s", {}).items():
+            result["section_s"].setdefault(key, v)
+    if "storage" in result:
+        import _paper_plan
+
+        print("4. the plan at 1.1B pairs and 2M entities", flush=True)
+        result["train_flops_per_image"] = train_flops(f"{args.out}/i2e_{max(args.pairs)}")
+        mapped = None
+        if os.path.exists(args.map_result):
+            with open(args.map_result) as f:
+                mapped = json.load(f)
+        rows = _paper_plan.plan(
+            json.loads(json.dumps(result)),  # the keys as they are saved (strings)
+            result["storage"],
+            mapped,
+            result["train_flops_per_image"],
+            os.cpu_count() or 1,
+        )
+        result["plan"] = rows
+        print(_paper_plan.render(rows), flush=True)
     result["total_s"] = round(time.time() - t_all, 1)
+    result["sections_total_s"] = round(sum(result["section_s"].values()), 1)
     with open(f"{args.out}/result.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
     print("RESULT " + json.dumps(result, default=str))

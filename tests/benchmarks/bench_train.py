@@ -6,7 +6,7 @@ device, in one run (this machine is shared: only the ratio is comparable across 
 
 Both loops use the trainer's own ``train_step`` and ``optimizer_step`` in one process; the
 first ``--warmup`` steps of each are not timed. Target: trainer / bare >= 0.9 (the data path
-is not the bottleneck). On a GPU (``--device cuda``) it also prints the model FLOPs
+is not the bottleneck). ``--flops-only`` prints a training step's FLOPs per image. On a GPU (``--device cuda``) it also prints the model FLOPs
 utilisation: FLOPs of one training step measured with torch's FLOP counter (forward +
 backward) x steps/s / the device's peak bf16 FLOP/s (``--peak-tflops``, 989 for an H100 SXM).
 """
@@ -42,6 +42,10 @@ def main() -> int:
     ap.add_argument("--precision", default="")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the towers")
+    ap.add_argument(
+        "--flops-only", action="store_true",
+        help="print the FLOPs of one training step per image (any device) and stop",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from training import recipes
@@ -78,6 +82,14 @@ def main() -> int:
         bare = Trainer(c, args.i2e, os.path.join(work, "bare"))
         bare.ddp.train()
         spec_batch = next(iter(_loader(bare, c)))
+        if args.flops_only:
+            flops = _step_flops(bare, spec_batch)
+            print(
+                f"{c.model.image_tower} / {c.model.text_tower}, {bare.image_size}px: "
+                f"{flops / c.data.batch_size / 1e9:.1f} GFLOP per image per training step "
+                f"(forward + backward, torch's FLOP counter, batch {c.data.batch_size})"
+            )
+            return 0
         n = args.steps - args.warmup
         bare_runs = [_bare_loop(bare, spec_batch, args.steps, args.warmup) * c.data.batch_size]
 

@@ -122,8 +122,12 @@ def test_context_overlap_counts_each_rows_words(nlp, kb_table):
     assert index.context_overlap(rows, words[:0]).tolist() == [0] * len(rows)
 
 
-def test_ambiguous_mentions_pick_by_context_then_the_smallest_id(nlp):
-    """Candidates scored together: context words decide; a tie goes to the smallest id."""
+@pytest.mark.parametrize("few", [8, 0])  # one candidate at a time; all at once in numpy
+def test_ambiguous_mentions_pick_by_context_then_the_smallest_id(nlp, few, monkeypatch):
+    """Context words decide between candidates; a tie goes to the smallest id."""
+    from pipeline_tasks.stages.ner import linking
+
+    monkeypatch.setattr(linking, "_FEW", few)
     from pipeline_tasks.stages.kb.stage import KB_SCHEMA
 
     rows = [

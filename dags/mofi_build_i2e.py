@@ -45,7 +45,7 @@ from airflow.sdk import Asset, Param, dag, task
 from pipeline_tasks import recipes
 from pipeline_tasks.orchestration import dag_tasks
 from pipeline_tasks.orchestration.dag_tasks import env_param
-from pipeline_tasks.runtime.layout import BUILD_STAGES, NER, SCORE, VOCAB, WRITE
+from pipeline_tasks.runtime.layout import BUILD_STAGES, HYGIENE, NER, SCORE, VOCAB, WRITE
 
 MOFI = f"{shlex.quote(sys.executable)} -m pipeline_tasks.cli"
 VERSION = "build_version(params, dag_run)"
@@ -168,6 +168,10 @@ def mofi_build_i2e():
         )
 
     @task.bash(execution_timeout=timedelta(hours=6))
+    def hygiene() -> str:
+        return f"{MOFI} hygiene --run {RUN} {COMMON} {SPARK}"
+
+    @task.bash(execution_timeout=timedelta(hours=6))
     def vocab() -> str:
         threshold = (
             "{% if params.threshold is not none %} --threshold {{ params.threshold }}{% endif %}"
@@ -196,11 +200,13 @@ def mofi_build_i2e():
     batches = score_batches(RUN, "{{ params.score_batch_shards }}")
     prepare >> batches
     scored = score.partial(reuse=source).expand(shards=batches)
-    ner_task, vocab_task, write_task = ner(source), vocab(), write()
+    ner_task, hygiene_task = ner(source), hygiene()
+    vocab_task, write_task = vocab(), write()
     # each stage's first and last task, chained in the pipeline's one stage order
     stage_tasks = {
         NER: (ner_task, ner_task),
         SCORE: (prepare, scored),
+        HYGIENE: (hygiene_task, hygiene_task),
         VOCAB: (vocab_task, vocab_task),
         WRITE: (write_task, write_task),
     }

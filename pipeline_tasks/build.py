@@ -2,7 +2,7 @@
 
 The stages are ``runtime.layout.BUILD_STAGES``, in that order (the build DAG chains its
 tasks by the same list): ner -> score (the packaged scorer bootstrapped first, when
-``score.stage.needs_bootstrap``) -> vocab -> write. Each stage skips the shards whose done
+``score.stage.needs_bootstrap``) -> hygiene -> vocab -> write. Each stage skips the shards whose done
 marker matches their files, so a killed build re-run with the same arguments picks up where
 it stopped and produces the same bytes. A stage that leaves failed shards stops the build
 (``StageFailed``); its markers say which and why. With ``reuse_from`` (an earlier build) the
@@ -20,7 +20,8 @@ from typing import Any
 from training.core import storage
 
 from .recipes import PipelineConfig
-from .runtime.layout import BUILD_STAGES, NER, SCORE, VOCAB, WRITE
+from .runtime.layout import BUILD_STAGES, HYGIENE, NER, SCORE, VOCAB, WRITE
+from .stages.hygiene.stage import run_hygiene
 from .stages.ner.stage import run_ner
 from .stages.score.stage import ensure_scorer, needs_bootstrap, run_score
 from .stages.vocab.stage import run_vocab
@@ -53,6 +54,10 @@ def _score(b: BuildInputs, step) -> None:
     step(SCORE, run_score, c.score, b.raw, b.run, b.kb, b.progress, reuse_from=b.reuse_from)
 
 
+def _hygiene(b: BuildInputs, step) -> None:
+    step(HYGIENE, run_hygiene, b.config.hygiene, b.config.score, b.run, progress=b.progress)
+
+
 def _vocab(b: BuildInputs, step) -> None:
     step(VOCAB, run_vocab, b.config.vocab, b.run, b.kb, progress=b.progress)
 
@@ -64,6 +69,7 @@ def _write(b: BuildInputs, step) -> None:
 RUNNERS: dict[str, Callable[[BuildInputs, Callable], None]] = {
     NER: _ner,
     SCORE: _score,
+    HYGIENE: _hygiene,
     VOCAB: _vocab,
     WRITE: _write,
 }

@@ -10,6 +10,7 @@ from training.core.config import ConfigError, StageConfig
 
 from .stages.kb.stage import KBConfig
 from .stages.ner.stage import NerConfig
+from .stages.hygiene.stage import HygieneConfig
 from .stages.score.config import BootstrapConfig, ScoreConfig
 from .stages.vocab.stage import VocabConfig
 from .stages.write.stage import WriteConfig
@@ -24,6 +25,7 @@ class PipelineConfig:
     ner: NerConfig = dataclasses.field(default_factory=NerConfig)
     bootstrap: BootstrapConfig = dataclasses.field(default_factory=BootstrapConfig)
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    hygiene: HygieneConfig = dataclasses.field(default_factory=HygieneConfig)
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
     write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
 
@@ -59,6 +61,10 @@ def cpu_test() -> PipelineConfig:
         score=b.score.replace(batch_size=16, text_batch_size=16),
         # test corpora are too small to calibrate on (tens of images): a fixed threshold
         vocab=b.vocab.replace(threshold_mode="absolute"),
+        # the hygiene tests turn it on; every other test builds without its Spark job
+        hygiene=b.hygiene.replace(
+            exact_duplicates=False, near_duplicates=False, decontaminate=False, nsfw=False
+        ),
     )
 
 

@@ -252,7 +252,29 @@ def _add_score(sub) -> None:
     s.set_defaults(fn=cmd_score)
 
 
+def cmd_hygiene(args: argparse.Namespace) -> int:
+    from pipeline_tasks.stages.hygiene.stage import run_hygiene
+
+    c = pipeline_config(args)
+    res = run_hygiene(c.hygiene, c.score, args.run, progress=not args.no_progress)
+    print_result("hygiene", res)
+    return 1 if res.failed else 0
+
+
 def _add_filter_and_write(sub) -> None:
+    s, ov = _stage_parser(
+        sub,
+        "hygiene",
+        "Spark job: drop duplicates, copies of evaluation images and unsafe images",
+        raw=False,
+        kb=False,
+    )
+    s.add_argument("--run", required=True)
+    ov.flag("--near-threshold", "hygiene.near_threshold", type=float)
+    ov.flag("--eval-threshold", "hygiene.eval_threshold", type=float)
+    _spark_flags(ov, "hygiene")
+    s.set_defaults(fn=cmd_hygiene)
+
     s, ov = _stage_parser(
         sub,
         "vocab",

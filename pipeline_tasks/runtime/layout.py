@@ -7,6 +7,8 @@ A consumer asks the layout for its producer's output instead of spelling the pat
     RUN/score/{shard}.parquet               (key, entity_id, similarity)      (score)
     RUN/score/embeddings/{shard}.parquet    (key, visual features)            (score)
     RUN/score/_embedding_cache/FP/*.parquet entity text embeddings per scorer (FP: its weights)
+    RUN/score/eval/{H}.parquet              evaluation images embedded by the scorer (hygiene)
+    RUN/hygiene/dropped.parquet             images dropped before vocab, and why  (hygiene)
     RUN/vocab/vocab.parquet                 the entity vocabulary             (vocab)
     RUN/labels/{shard}.parquet              kept labels per raw shard         (vocab)
     RUN/_work/                              local scratch of this run (Spark and job files)
@@ -32,13 +34,15 @@ from training.core.i2e import VOCAB_FILE, WRITE_STAGE, I2ELayout
 
 from .markers import MarkerStore
 
-KB, NER, SCORE, VOCAB, LABELS, WRITE = "kb", "ner", "score", "vocab", "labels", WRITE_STAGE
+KB, NER, SCORE, HYGIENE, VOCAB, LABELS = "kb", "ner", "score", "hygiene", "vocab", "labels"
+WRITE = WRITE_STAGE
 # (stage, the marker stores it writes), in pipeline order; the knowledge base is the build's
 # input, built once per KB version (``mofi kb``)
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (KB, (KB,)),
     (NER, (NER,)),
     (SCORE, (SCORE,)),
+    (HYGIENE, (HYGIENE,)),
     (VOCAB, (VOCAB, LABELS)),
     (WRITE, (WRITE,)),
 )
@@ -83,6 +87,10 @@ class RunLayout:
         """The visual features of each scored image of ``shard`` (the vocab stage's coherence:
         the scorer's image tower, or its embedding when it has no separate tower)."""
         return storage.join(self.stage_dir(SCORE), "embeddings", f"{shard}.parquet")
+
+    @property
+    def hygiene_dropped(self) -> str:
+        return storage.join(self.stage_dir(HYGIENE), "dropped.parquet")
 
     @property
     def vocab_file(self) -> str:

@@ -1,12 +1,13 @@
 """The image stream of scoring: raw tars -> uint8 image batches with their candidate entities.
 
-Items are ``("batch", shard, keys, uint8 NCHW batch, candidates per key)`` for each batch of a
-shard, then ``("end", shard, stats)`` (or ``("fail", shard, error)``: the shard fails alone).
+Items are ``("batch", shard, keys, uint8 NCHW batch, candidates per key, sha256 per key)`` for
+each batch of a shard (``"bytes"`` with the raw bytes instead of the batch for device decode), then ``("end", shard, stats)`` (or ``("fail", shard, error)``: the shard fails alone).
 Only images with at least one linked candidate are decoded; bad images are counted skips.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -163,6 +164,7 @@ class ShardStream(IterableDataset):
             todo: list[tuple[str, Any]] = []  # (key, callable giving its decode result)
             keys: list[str] = []
             imgs: list[Any] = []
+            digests: dict[str, str] = {}  # key -> sha256 of its bytes (the hygiene stage's)
 
             def decode_todo() -> None:
                 for base, result in todo:
@@ -175,13 +177,14 @@ class ShardStream(IterableDataset):
                 todo.clear()
 
             def batch(n: int) -> tuple:
+                hashes = [digests.pop(k) for k in keys[:n]]
                 if self.raw:
                     out = ("bytes", sid, keys[:n], imgs[:n], [cands[k] for k in keys[:n]])
                 else:
                     x = stack_hwc(imgs[:n])  # channels-last NCHW, the CPU model's layout
                     out = ("batch", sid, keys[:n], x, [cands[k] for k in keys[:n]])
                 del keys[:n], imgs[:n]
-                return out
+                return (*out, hashes)
 
             records = raw_mod.iter_tar_samples(
                 tar_uri,
@@ -195,7 +198,9 @@ class ShardStream(IterableDataset):
                 if base not in cands or base in seen:
                     continue
                 seen.add(base)
-                todo.append((base, decode(raw_mod.image_bytes(group))))
+                data = raw_mod.image_bytes(group)
+                digests[base] = hashlib.sha256(data).hexdigest() if data else ""
+                todo.append((base, decode(data)))
                 if len(keys) + len(todo) == self.batch_size * self.phase_batches:
                     decode_todo()
                     while len(keys) >= self.batch_size:

@@ -205,7 +205,7 @@ class ScoreStage(ShardStage):
                 if batch is not None:
                     self._score_batch(sid, *batch, st)
             elif kind == "batch":
-                self._score_batch(sid, item[2], item[3], item[4], st)
+                self._score_batch(sid, item[2], item[3], item[4], item[5], st)
             elif kind == "end":  # one part of the shard is done; publish when all are
                 outcome = self._end_part(sid, item[2], item[3], st, store)
                 if outcome is not None:
@@ -217,7 +217,7 @@ class ScoreStage(ShardStage):
     def _decode_on_device(self, item, decoder, st: _Loop):
         """(keys, uint8 batch, candidates) of a batch of raw bytes decoded on the device, the
         records it rejects counted as drops of their shard; None when none is left."""
-        _, sid, keys, datas, cand = item
+        _, sid, keys, datas, cand, hashes = item
         t0 = time.perf_counter()
         x, kept, bad = decoder(datas)
         for i, reason in bad.items():
@@ -226,9 +226,9 @@ class ScoreStage(ShardStage):
         st.t_decode += time.perf_counter() - t0
         if x is None:
             return None
-        return [keys[i] for i in kept], x, [cand[i] for i in kept]
+        return [keys[i] for i in kept], x, [cand[i] for i in kept], [hashes[i] for i in kept]
 
-    def _score_batch(self, sid: str, keys, x, cand, st: _Loop) -> None:
+    def _score_batch(self, sid: str, keys, x, cand, hashes, st: _Loop) -> None:
         """Embed one batch (padded to the fixed shape) and take the similarity of every
         (image, candidate) pair in one gathered dot product."""
         import torch
@@ -251,7 +251,9 @@ class ScoreStage(ShardStage):
         st.buffers.setdefault(sid, []).extend(
             (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
         )
-        st.embeddings.setdefault(sid, []).extend(zip(keys, visual.cpu().numpy(), strict=True))
+        st.embeddings.setdefault(sid, []).extend(
+            zip(keys, visual.cpu().numpy(), hashes, strict=True)
+        )
         st.n_batches += 1
         if self.reference_every and st.n_batches % self.reference_every == 0:
             t0 = time.perf_counter()
@@ -318,8 +320,9 @@ class ScoreStage(ShardStage):
             pq.write_table(
                 pa.table(
                     {
-                        "key": [k for k, _ in embs],
-                        "embedding": pa.array([e.tolist() for _, e in embs], EMBEDDING_TYPE),
+                        "key": [r[0] for r in embs],
+                        "embedding": pa.array([r[1].tolist() for r in embs], EMBEDDING_TYPE),
+                        "sha256": pa.array([r[2] or None for r in embs], pa.string()),
                     }
                 ),
                 f,

@@ -47,6 +47,18 @@ def read_columns(columns: list[str], batches: Iterator[pd.DataFrame]) -> Iterato
             yield t
 
 
+def read_keys(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """(shard, key) of each uri row's Parquet file (the hygiene stage's dropped images)."""
+    import pyarrow.parquet as pq
+
+    from training.core import storage
+
+    for pdf in batches:
+        for uri in pdf["uri"]:
+            with storage.open_read(uri) as f:
+                yield pq.read_table(f, columns=["shard", "key"]).to_pandas()
+
+
 def _publish_labels(spec: dict, shard: str, table, st, compression: str | None = "zstd") -> None:
     """Write one shard's labels, then its done marker vouching for them."""
     import pyarrow.parquet as pq
@@ -119,6 +131,11 @@ def read(spark, spec: dict, n_parts: int):
         .repartition(n_parts)
         .mapInPandas(partial(read_columns, ["key", "entity_id", "similarity"]), SCORE_SCHEMA)
     )
+    if spec.get("dropped_file"):  # what the hygiene stage removed never becomes a label
+        dropped = spark.createDataFrame([[spec["dropped_file"]]], "uri string").mapInPandas(
+            read_keys, "shard string, key string"
+        )
+        scores = scores.join(dropped, ["shard", "key"], "left_anti")
     scores = scores.cache()
     pairs_in = scores.count()
     images_in = {

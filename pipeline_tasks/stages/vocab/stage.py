@@ -149,6 +149,9 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
         return {
             "score_files": [[s, layout.output(SCORE, s)] for s in done],
             "embedding_files": [[s, layout.image_embeddings(s)] for s in done],
+            "dropped_file": layout.hygiene_dropped
+            if storage.exists(layout.hygiene_dropped)
+            else None,
             "kb_uri": kb_uri,
             "run_uri": layout.root,
             "config": config.to_dict(),

@@ -1,0 +1,218 @@
+"""`mofi hygiene`: drop unsafe images, copies of evaluation images and duplicates before vocab.
+
+Runs between score and vocab, on what scoring kept for every scored image: its visual
+embedding, its content hash (img2dataset's ``sha256`` column when the raw parquet has it,
+else computed from the bytes the score stage read) and, when enabled, its NSFW score. The
+registered evaluation folders (``eval_folders``: the GPR1200-layout folders `mofi eval`
+reads) are embedded once by the same scorer. The Spark job (``job.py``) groups globally and
+writes
+
+* ``RUN/hygiene/dropped.parquet``: shard, key, reason, matched (the kept key or the eval
+  file it copies), score (cosine, or the NSFW score): what was dropped and why;
+* the stage's marker, with every drop counted by reason (``mofi status``, the dashboard and
+  ``/metrics`` show them) and the settings that made them.
+
+``vocab`` leaves the dropped images out. Each part can be turned off; the production recipe
+turns all on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from training.core import config as cfg
+from training.core import storage
+
+from ...runtime.executor import ShardTask, StageResult, stage_lease
+from ...runtime.layout import HYGIENE, SCORE, RunLayout
+from ...runtime.markers import WHOLE_STAGE, completed_shards
+from ...runtime.spark import SparkConfig, run_spark_stage
+from . import lsh
+
+STAGE = HYGIENE
+JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.py")
+DROPPED_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("reason", pa.string()),
+        ("matched", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+EVAL_SCHEMA = pa.schema(
+    [("file", pa.string()), ("embedding", pa.list_(pa.float32())), ("sha256", pa.string())]
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclasses.dataclass
+class HygieneConfig(cfg.StageConfig):
+    """Which images are removed before the vocabulary is built, and how they are found."""
+
+    exact_duplicates: bool = cfg.field(True, "drop images whose bytes another image has")
+    near_duplicates: bool = cfg.field(
+        True, "drop images whose visual embedding is within near_threshold of another's"
+    )
+    near_threshold: float = cfg.field(
+        0.95, "cosine of the scorer's visual features at or above which two images are copies"
+    )
+    decontaminate: bool = cfg.field(
+        True, "drop copies of the images in eval_folders (bytes or embedding)"
+    )
+    eval_threshold: float = cfg.field(
+        0.95, "cosine at or above which a pool image copies an evaluation image"
+    )
+    eval_folders: tuple[str, ...] = cfg.field(
+        (), "evaluation image folders (GPR1200 layout) whose copies are dropped"
+    )
+    nsfw: bool = cfg.field(False, "drop images whose NSFW score is at or above nsfw_threshold")
+    nsfw_threshold: float = cfg.field(0.8, "Open NSFW probability at or above which an image goes")
+    lsh_bits: int = cfg.field(16, "random hyperplanes per LSH table (more: smaller buckets)")
+    lsh_recall: float = cfg.field(
+        0.99, "the chance that a pair at the lowest threshold shares an LSH bucket"
+    )
+    max_bucket: int = cfg.field(
+        2000, "a larger LSH bucket compares its members with its first max_bucket ones only"
+    )
+    seed: int = cfg.field(0, "seed of the LSH hyperplanes (the same seed: the same drops)")
+    spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")
+
+    def validate(self) -> None:
+        for name in ("near_threshold", "eval_threshold"):
+            self._check(0.0 < getattr(self, name) <= 1.0, name, "a cosine in (0, 1]")
+        self._check(0.0 < self.nsfw_threshold <= 1.0, "nsfw_threshold", "in (0, 1]")
+        self._check(1 <= self.lsh_bits <= 63, "lsh_bits", "in [1, 63]")
+        self._check(0.5 <= self.lsh_recall < 1.0, "lsh_recall", "in [0.5, 1)")
+        self._check(self.max_bucket >= 2, "max_bucket", "must be >= 2")
+
+    @property
+    def enabled(self) -> bool:
+        return self.exact_duplicates or self.near_duplicates or self.decontaminate or self.nsfw
+
+    def lsh_tables(self) -> int:
+        lowest = min(
+            self.near_threshold if self.near_duplicates else 1.0,
+            self.eval_threshold if self.decontaminate else 1.0,
+        )
+        return lsh.choose(lowest, self.lsh_recall, self.lsh_bits)
+
+    def settings(self) -> dict[str, Any]:
+        """What decided the drops (recorded with the stage and with every posted result)."""
+        d = self.to_dict()
+        d.pop("spark", None)
+        d["lsh_tables"] = self.lsh_tables()
+        return d
+
+
+def eval_files(folders: tuple[str, ...]) -> list[str]:
+    out = []
+    for folder in folders:
+        files = [f for f in storage.list_files(folder) if f.lower().endswith(IMAGE_SUFFIXES)]
+        if not files:
+            raise cfg.ConfigError(f"hygiene.eval_folders: no images in {folder}")
+        out += sorted(files)
+    return out
+
+
+def run_hygiene(
+    config: HygieneConfig, score_config, run_uri: str, progress: bool = True
+) -> StageResult:
+    storage.check_writable(run_uri)
+    layout = RunLayout(run_uri)
+    with stage_lease(layout.store(STAGE)):
+        return _run_hygiene(config, score_config, layout, progress)
+
+
+def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progress) -> StageResult:
+    from ..score.eval_embed import embed_eval_images
+
+    done = completed_shards(layout.store(SCORE), "score")
+    store = layout.store(STAGE)
+    result = StageResult(stage=STAGE, out=layout.stage_dir(STAGE), shards=len(done))
+    saved = storage.join(layout.stage_dir(STAGE), HygieneConfig.file_name())
+    if (
+        store.is_done(WHOLE_STAGE)
+        and storage.exists(saved)
+        and storage.read_text(saved).strip() != config.to_json().strip()
+    ):
+        store.unmark_done(WHOLE_STAGE)  # other settings: the drops are computed again
+    store.write_plan([WHOLE_STAGE])
+    config.save(layout.stage_dir(STAGE))
+    if not config.enabled:  # every part off: nothing dropped, recorded as such
+        return _record_nothing_dropped(config, layout, done, result)
+
+    def spec(_todo: list[list[ShardTask]]) -> dict:
+        eval_uri = None
+        if config.decontaminate and config.eval_folders:
+            eval_uri = embed_eval_images(
+                score_config, layout, eval_files(config.eval_folders), EVAL_SCHEMA
+            )
+        return {
+            "embedding_files": [[s, layout.image_embeddings(s)] for s in done],
+            "eval_file": eval_uri,
+            "run_uri": layout.root,
+            "config": {**config.to_dict(), "lsh_tables": config.lsh_tables()},
+            "settings": config.settings(),
+        }
+
+    run_spark_stage(
+        JOB_SCRIPT,
+        config.spark,
+        STAGE,
+        [(store, [ShardTask(WHOLE_STAGE)])],
+        spec,
+        result,
+        layout.local_work_dir(),
+        progress,
+        whole=True,
+    )
+    st = store.read_done(WHOLE_STAGE)
+    if st is None:
+        err = store.read_all().get(WHOLE_STAGE, {}).get("error", "no marker")
+        raise RuntimeError(f"hygiene job finished without a result: {err}")
+    result.extra.update(skipped=not result.processed, drops=dict(st.drops), **(st.extra or {}))
+    return result
+
+
+def _record_nothing_dropped(config: HygieneConfig, layout: RunLayout, done, result):
+    import time
+
+    import pyarrow.parquet as pq
+
+    from ...runtime import markers
+
+    store = layout.store(STAGE)
+    if store.is_done(WHOLE_STAGE):
+        result.extra.update(skipped=True)
+        return result
+    t0 = time.time()
+    n = 0
+    for s in done:
+        with storage.open_read(layout.image_embeddings(s)) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    uri = layout.hygiene_dropped
+    with storage.open_write(uri) as f:
+        pq.write_table(pa.Table.from_pylist([], schema=DROPPED_SCHEMA), f)
+    st = markers.ShardStats(n_in=n, n_out=n, started_at=t0, finished_at=time.time())
+    st.extra = {"images_in": n, "images_kept": n, "settings": config.settings()}
+    markers.record_outputs(st, store.root, [uri])
+    store.mark_done(WHOLE_STAGE, st)
+    result.processed = 1
+    result.extra.update(skipped=False, drops={}, **st.extra)
+    return result
+
+
+def read_dropped(layout: RunLayout) -> pa.Table | None:
+    """The dropped images of a run (None when the run has no hygiene stage)."""
+    import pyarrow.parquet as pq
+
+    uri = layout.hygiene_dropped
+    if not storage.exists(uri):
+        return None
+    with storage.open_read(uri) as f:
+        return pq.read_table(f)

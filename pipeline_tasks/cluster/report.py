@@ -12,8 +12,8 @@ CHECKS = ("i2e_identical", "curve_identical", "model_identical", "results_rows",
 def stage_seconds(report: dict[str, Any]) -> dict[str, Any]:
     """Per stage: the local CLI's time against the cluster's (its Airflow tasks' run time)."""
     cluster: dict[str, float] = {}
-    names = {"ner": "ner", "prepare_score": "score", "score": "score", "vocab": "vocab",
-             "write": "write"}  # fmt: skip
+    names = {"ner": "ner", "prepare_score": "score", "score": "score", "hygiene": "hygiene",
+             "vocab": "vocab", "write": "write"}  # fmt: skip
     for t in report["build"]["tasks"]:
         stage = names.get(t["task"])
         if stage and t.get("seconds"):

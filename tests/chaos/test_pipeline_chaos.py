@@ -27,7 +27,7 @@ from pipeline_tasks.runtime import markers, status
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 FULL = os.environ.get("MOFI_CHAOS") == "full"
 SEEDS = list(range(3)) if FULL else [int(os.environ.get("MOFI_CHAOS_SEED", "0"))]
-STAGES = ["ner", "score", "vocab", "write"] if FULL else ["score", "write"]
+STAGES = ["ner", "score", "hygiene", "vocab", "write"] if FULL else ["score", "write"]
 SKIP_NAMES = ("_info.json",)  # records the run's own paths
 
 

@@ -91,6 +91,6 @@ def test_the_pipeline_runs_across_hosts_through_three_faults(
     assert rep["curve_identical"] and rep["model_identical"] and rep["curve_steps"] > 4
     assert rep["results_rows"] >= 1
     assert rep["status_all_complete"] and rep["dashboard_all_complete"]
-    assert set(rep["stage_seconds"]) == {"ner", "score", "vocab", "write"}
+    assert set(rep["stage_seconds"]) == {"ner", "score", "hygiene", "vocab", "write"}
     assert all(rep["peak_rss_bytes"][h] > 0 for h in ("head", "worker1", "worker2"))
     assert _namespaces() == []

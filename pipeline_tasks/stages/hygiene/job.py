@@ -47,10 +47,14 @@ def read_images(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
             with storage.open_read(uri) as f:
                 t = pq.read_table(f)
-            out = pd.DataFrame({"shard": shard, "key": t.column("key").to_pylist()})
+            n = t.num_rows
+            if not n:
+                continue
+            out = pd.DataFrame({"shard": [shard] * n, "key": t.column("key").to_pylist()})
             out["embedding"] = t.column("embedding").to_pylist()
-            for col in ("sha256", "nsfw"):
-                out[col] = t.column(col).to_pylist() if col in t.column_names else None
+            for col in ("sha256", "nsfw"):  # None (null), never NaN: Spark orders NaN highest
+                vals = t.column(col).to_pylist() if col in t.column_names else [None] * n
+                out[col] = pd.Series(vals, dtype=object)
             yield out
 
 
@@ -81,7 +85,8 @@ def bucket_pairs(min_cos: float, max_bucket: int, pdf: pd.DataFrame) -> pd.DataF
     as (smaller id, larger id); a bucket over ``max_bucket`` compares everything with its
     first ``max_bucket`` members only."""
     if len(pdf) < 2:
-        return pd.DataFrame({"a": [], "b": [], "cos": []})
+        none = np.array([], dtype=object)
+        return pd.DataFrame({"a": none, "b": none, "cos": np.array([], np.float32)})
     pdf = pdf.sort_values("id")
     ids = pdf["id"].to_numpy()
     x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
@@ -91,6 +96,13 @@ def bucket_pairs(min_cos: float, max_bucket: int, pdf: pd.DataFrame) -> pd.DataF
     keep = i < j  # each pair once, leaders against later members
     i, j = i[keep], j[keep]
     return pd.DataFrame({"a": ids[i], "b": ids[j], "cos": sims[i, j].astype(np.float32)})
+
+
+def _pairs_at(min_cos: float, max_bucket: int):
+    def pairs(pdf: pd.DataFrame) -> pd.DataFrame:  # a function, as applyInPandas expects
+        return bucket_pairs(min_cos, max_bucket, pdf)
+
+    return pairs
 
 
 def components(spark, edges, max_rounds: int = 50):
@@ -139,6 +151,13 @@ def _cosine_to(rows: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         )
 
 
+def _eval_file(col):
+    """The evaluation file of an eval id (the id without ``EVAL_PREFIX``)."""
+    from pyspark.sql import functions as F
+
+    return F.substring(col, len(EVAL_PREFIX) + 1, 1 << 30)
+
+
 def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray, n_parts: int):
     """(drops: id, reason, matched, score; pairs compared in buckets)."""
     from pyspark.sql import functions as F
@@ -157,7 +176,7 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
     near_on, eval_on = bool(c["near_duplicates"]), bool(c["decontaminate"]) and evals is not None
     if eval_on:  # the same bytes as an evaluation image
         same = live.filter(F.col("sha256").isNotNull()).join(
-            evals.select(F.col("sha256"), F.col("id").alias("matched")), "sha256"
+            evals.select(F.col("sha256"), _eval_file(F.col("id")).alias("matched")), "sha256"
         )
         same = same.groupBy("id").agg(F.min("matched").alias("matched"))
         drops.append(same.select("id", F.lit("eval_copy").alias("reason"), "matched",
@@ -178,7 +197,7 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
             members.repartition(n_parts)
             .mapInPandas(partial(bucket_rows, hyperplanes, tables), BUCKET_SCHEMA)
             .groupBy("tbl", "bkey")
-            .applyInPandas(partial(bucket_pairs, thr, int(c["max_bucket"])), EDGE_SCHEMA)
+            .applyInPandas(_pairs_at(thr, int(c["max_bucket"])), EDGE_SCHEMA)
             .groupBy("a", "b")
             .agg(F.max("cos").alias("cos"))
             .localCheckpoint()
@@ -194,7 +213,7 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         )
         copies = best.select(
             "id", F.lit("eval_copy").alias("reason"),
-            F.substring(F.col("m.a"), len(EVAL_PREFIX) + 1, 10**6).alias("matched"),
+            _eval_file(F.col("m.a")).alias("matched"),
             F.col("m.cos").alias("score"),
         )  # fmt: skip
         drops.append(copies)

@@ -1,0 +1,151 @@
+"""The hygiene stage over the shared build (``built``: real Spark local[2], the packaged
+scorer): exact duplicates, copies of evaluation images and near duplicates found, counted
+and audited, and left out of the vocabulary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline_tasks.runtime import status
+from pipeline_tasks.runtime.layout import RunLayout
+from mofi_testdata import copy_raw_shard
+from pipeline_tasks.stages.hygiene import stage as hygiene
+from pipeline_tasks.stages.ner.stage import run_ner
+from pipeline_tasks.stages.score import stage as score
+from pipeline_tasks.stages.vocab import stage as vocab
+
+pytestmark = pytest.mark.slow
+
+
+def _tar_images(raw: str, shard: str) -> dict[str, bytes]:
+    with tarfile.open(os.path.join(raw, f"{shard}.tar")) as t:
+        return {
+            m.name.split(".", 1)[0]: t.extractfile(m).read()
+            for m in t.getmembers()
+            if m.isfile() and m.name.endswith(".jpg") and "/" not in m.name
+        }
+
+
+def _embedded(run: str) -> dict[str, dict]:
+    """id -> the score stage's row (key, embedding, sha256) of every embedded image."""
+    out = {}
+    folder = os.path.join(run, "score", "embeddings")
+    for f in sorted(os.listdir(folder)):
+        shard = f.removesuffix(".parquet")
+        for r in pq.read_table(os.path.join(folder, f)).to_pylist():
+            out[f"{shard}/{r['key']}"] = r
+    return out
+
+
+def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, tmp_path):
+    run = tmp_path / "run"
+    for stage in ("ner", "score", "scorer"):
+        shutil.copytree(os.path.join(built["run"], stage), run / stage)
+    # the planted faults: shard 00014 is a byte copy of 00000 under other keys (other URLs,
+    # the same pictures), put through ner and score as a newly crawled shard
+    new_raw = tmp_path / "raw"
+    shutil.copytree(built["raw"], new_raw)
+    copy_raw_shard(new_raw, "00000", new_shard="00014")
+    c = built["config"]
+    run_ner(c.ner, str(new_raw), built["kb"], str(run), False, None)
+    score.run_score(c.score, str(new_raw), str(run), built["kb"], False).raise_if_failed()
+    emb = _embedded(str(run))
+    # the score stage kept each image's content hash: equal bytes, equal hash
+    tars = {s: _tar_images(built["raw"], s) for s in ("00000", "00001")}
+    for i, r in emb.items():
+        shard, key = i.split("/")
+        if shard in tars:
+            assert r["sha256"] == hashlib.sha256(tars[shard][key]).hexdigest()
+    copies = {i for i in emb if i.startswith("00014/") and "00000/00000" + i[11:] in emb}
+    assert len(copies) >= 8
+    # two evaluation images: one the bytes of a pool image, one a re-encoded 90 % crop of
+    # another pool image (both from shard 00001)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    k1, k2 = sorted(k for k in tars["00001"] if f"00001/{k}" in emb)[:2]
+    (eval_dir / "exact_0.jpg").write_bytes(tars["00001"][k1])
+    im = Image.open(io.BytesIO(tars["00001"][k2])).convert("RGB")
+    w, h = im.size
+    buf = io.BytesIO()
+    im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(buf, "JPEG", quality=80)
+    (eval_dir / "crop_0.jpg").write_bytes(buf.getvalue())
+    (eval_dir / "notes.txt").write_text("not an image")
+
+    c = c.hygiene.replace(
+        exact_duplicates=True,
+        near_duplicates=True,
+        decontaminate=True,
+        eval_folders=(str(eval_dir),),
+        near_threshold=0.97,
+        eval_threshold=0.9,
+    )
+    res = hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    res.raise_if_failed()
+    dropped = {f"{r['shard']}/{r['key']}": r for r in pq.read_table(
+        run / "hygiene" / "dropped.parquet").to_pylist()}  # fmt: skip
+
+    # every byte copy goes, pointing at the smallest (shard, key) with its bytes
+    for i in copies:
+        assert i in dropped, i
+        if dropped[i]["reason"] == "exact_duplicate":
+            first = min(j for j in emb if emb[j]["sha256"] == emb[i]["sha256"])
+            assert dropped[i]["matched"] == first and first not in dropped
+    assert sum(r["reason"] == "exact_duplicate" for r in dropped.values()) >= len(copies)
+    # both evaluation copies go, with the eval file they copy
+    for key, name in ((k1, "exact_0.jpg"), (k2, "crop_0.jpg")):
+        r = dropped[f"00001/{key}"]
+        assert r["reason"] == "eval_copy" and r["matched"] == str(eval_dir / name), r
+    assert dropped[f"00001/{k1}"]["score"] == 1.0 and dropped[f"00001/{k2}"]["score"] >= 0.9
+    # near duplicates: each matched to a kept image at cosine >= the threshold
+    for i, r in dropped.items():
+        if r["reason"] == "near_duplicate":
+            a = np.asarray(emb[i]["embedding"])
+            b = np.asarray(emb[r["matched"]]["embedding"])
+            cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+            assert r["score"] == pytest.approx(cos, abs=1e-4)
+        if r["reason"] in ("near_duplicate", "exact_duplicate"):
+            assert r["matched"] not in dropped and r["matched"] < i
+
+    # counted in the marker, by reason, and shown by status
+    reasons = {}
+    for r in dropped.values():
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    (s,) = [s for s in status.summarize_run(str(run)) if s["stage"] == "hygiene"]
+    assert s["complete"] and s["drops"] == reasons
+    assert s["samples_in"] == len(emb) == s["samples_out"] + len(dropped)
+    assert res.extra["eval_images"] == 2 and res.extra["settings"]["near_threshold"] == 0.97
+
+    # the same settings again: nothing recomputed
+    again = hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    assert again.extra["skipped"]
+
+    # vocab leaves every dropped image out of the labels
+    vres = vocab.run_vocab(built["config"].vocab, str(run), built["kb"], progress=False)
+    vres.raise_if_failed()
+    labelled = set()
+    for f in os.listdir(run / "labels"):
+        if f.endswith(".parquet"):
+            shard = f.removesuffix(".parquet")
+            labelled |= {f"{shard}/{k}" for k in pq.read_table(run / "labels" / f)["key"].to_pylist()}
+    assert labelled and not (labelled & set(dropped))
+    assert labelled & {"00000/00000" + i[11:] for i in copies}  # the originals keep their labels
+
+
+def test_everything_off_drops_nothing_without_spark(built, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(built["run"], "score"), run / "score")
+    c = built["config"].hygiene  # cpu_test: every part off
+    assert not c.enabled
+    res = hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    n = len(_embedded(str(run)))
+    assert res.extra["images_kept"] == n > 0 and res.extra["drops"] == {}
+    assert hygiene.read_dropped(RunLayout(str(run))).num_rows == 0

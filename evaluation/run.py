@@ -173,6 +173,7 @@ def run_eval(
         },
         "run_id": run_id or model.name,
         "i2e_version": model.info.get("i2e_version", ""),
+        "i2e_hygiene": model.info.get("i2e_hygiene"),
     }
     storage.write_json(out_uri, report)
     report["metrics_uri"] = out_uri

@@ -43,6 +43,10 @@ def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
+# what `mofi write` records of the hygiene stage in _info.json (settings and drops)
+HYGIENE_RECORD = {"settings": {"exact_duplicates": True, "near_threshold": 0.9}, "drops": {}}
+
+
 def make_i2e(
     root, n_shards: int = 4, per_shard: int = 24, n_classes: int = 6, seed: int = 0
 ) -> str:
@@ -87,7 +91,12 @@ def make_i2e(
     pq.write_table(vocab, os.path.join(root, "vocab.parquet"))
     with open(os.path.join(root, "_info.json"), "w") as f:
         json.dump(
-            {"num_classes": n_classes, "num_samples": n_shards * per_shard, "num_shards": n_shards},
+            {
+                "num_classes": n_classes,
+                "num_samples": n_shards * per_shard,
+                "num_shards": n_shards,
+                "hygiene": HYGIENE_RECORD,
+            },
             f,
         )
     return root

@@ -94,6 +94,8 @@ def _checkpoint(uri: str, device) -> Encoder:
             f"{uri} is a {kind!r} checkpoint; a dual_encoder or a training state is needed"
         )
     info["i2e_version"] = extra.get("i2e_version", "")
+    # the hygiene settings that built that I2E (None: without the stage, or an older build)
+    info["i2e_hygiene"] = extra.get("i2e_hygiene")
     return from_dual_encoder(model, uri, fingerprint, info, device)
 
 

@@ -176,6 +176,7 @@ class Trainer:
                     "head_index": head_idx,
                     "signature": json.dumps(self.config.resume_signature(), sort_keys=True),
                     "i2e_version": self.manifest.version(),
+                    "i2e_hygiene": self.manifest.info.get("hygiene"),
                     "entity_ids": self.manifest.entity_ids,
                 },
             )
@@ -434,6 +435,7 @@ class Trainer:
                 "trained_steps": self.step,
                 "i2e": self.i2e_uri,
                 "i2e_version": self.manifest.version(),
+                "i2e_hygiene": self.manifest.info.get("hygiene"),
                 "entity_ids": self.manifest.entity_ids,
                 "train_config": self.config.to_json(),
             }

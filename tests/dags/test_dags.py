@@ -57,7 +57,13 @@ def test_the_build_dag_chains_the_stages_in_the_pipeline_order(dagbag):
     from pipeline_tasks.runtime.layout import BUILD_STAGES
 
     dag = dagbag.dags["mofi_build_i2e"]
-    first = {"ner": "ner", "score": "prepare_score", "hygiene": "hygiene", "vocab": "vocab", "write": "write"}
+    first = {
+        "ner": "ner",
+        "score": "prepare_score",
+        "hygiene": "hygiene",
+        "vocab": "vocab",
+        "write": "write",
+    }
     order = [first[s] for s in BUILD_STAGES]
     for a, b in zip(order, order[1:], strict=False):
         assert b in {t.task_id for t in dag.get_task(a).get_flat_relatives(upstream=False)}, (a, b)

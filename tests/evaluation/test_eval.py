@@ -49,9 +49,13 @@ def tiny_checkpoint(tmp_path):
     model = DualEncoder(config)
     uri = str(tmp_path / "ckpt" / "model.pt")
     save_checkpoint(
-        uri, "dual_encoder", config, checkpoint_state(model, True), {"i2e_version": "abc"}
-    )
+        uri, "dual_encoder", config, checkpoint_state(model, True),
+        {"i2e_version": "abc", "i2e_hygiene": HYGIENE},
+    )  # fmt: skip
     return uri
+
+
+HYGIENE = {"settings": {"near_duplicates": True, "near_threshold": 0.9}, "drops": {"nsfw": 2}}
 
 
 def _cfg(**kw):
@@ -105,6 +109,9 @@ def test_eval_our_checkpoint_with_bad_images_and_a_singleton(folder, tiny_checkp
     assert json.load(open(report["metrics_uri"]))["metrics"] == m
     rows = results.read_results(db)
     assert [r["run_id"] for r in rows] == ["r1"] and rows[0]["i2e_version"] == "abc"
+    # the hygiene settings that built the I2E it trained on, posted with the result
+    assert report["i2e_hygiene"] == HYGIENE
+    assert rows[0]["config"]["model"]["i2e_hygiene"] == HYGIENE
     con = sqlite3.connect(f"{tmp_path}/results.sqlite")
     assert dict(con.execute("select name, value from mofi_eval_metrics"))["map"] == pytest.approx(
         m["map"]

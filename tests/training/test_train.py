@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from mofi_testdata import make_eval_folder, make_i2e
+from mofi_testdata import HYGIENE_RECORD, make_eval_folder, make_i2e
 
 from evaluation.run import EvalConfig, run_eval
 from pipeline_tasks import cli
@@ -74,6 +74,7 @@ def test_checkpoint_loads_for_evaluation(full_run):
     model = load_dual_encoder(os.path.join(full_run["out"], "model.pt"))
     extra = load_checkpoint(os.path.join(full_run["out"], "model.pt"))["extra"]
     assert extra["trained_steps"] == 12 and extra["entity_head"].shape == (6, 32)
+    assert extra["i2e_hygiene"] == HYGIENE_RECORD  # the I2E's hygiene, on to evaluation
     with torch.no_grad():
         z = model.encode_image(torch.randn(3, 3, model.image_size, model.image_size))
     assert z.shape == (3, 32) and torch.allclose(z.norm(dim=-1), torch.ones(3))

@@ -219,8 +219,10 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         drops.append(copies)
         live = live.join(copies.select("id"), "id", "left_anti")
     if c["exact_duplicates"]:
-        w = live.filter(F.col("sha256").isNotNull()).groupBy("sha256").agg(
-            F.min("id").alias("matched")
+        w = (
+            live.filter(F.col("sha256").isNotNull())
+            .groupBy("sha256")
+            .agg(F.min("id").alias("matched"))
         )
         dup = live.join(w, "sha256").filter(F.col("id") != F.col("matched"))
         drops.append(dup.select("id", F.lit("exact_duplicate").alias("reason"), "matched",
@@ -284,7 +286,8 @@ def main(spec_path: str) -> int:
         if len(et):
             et["id"] = EVAL_PREFIX + et["file"]
             evals = spark.createDataFrame(
-                et[["id", "embedding", "sha256"]], "id string, embedding array<float>, sha256 string"
+                et[["id", "embedding", "sha256"]],
+                "id string, embedding array<float>, sha256 string",
             )
     dim = len(images.select("embedding").first()["embedding"]) if n_in else 1
     planes = lsh.planes(dim, int(c["lsh_bits"]), int(c["lsh_tables"]), int(c["seed"]))

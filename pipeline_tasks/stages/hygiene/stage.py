@@ -59,13 +59,15 @@ class HygieneConfig(cfg.StageConfig):
         True, "drop images whose visual embedding is within near_threshold of another's"
     )
     near_threshold: float = cfg.field(
-        0.95, "cosine of the scorer's visual features at or above which two images are copies"
+        0.90,
+        "cosine of the scorer's visual features at or above which two images are copies "
+        "(calibrated on planted copies: README, Hygiene)",
     )
     decontaminate: bool = cfg.field(
         True, "drop copies of the images in eval_folders (bytes or embedding)"
     )
     eval_threshold: float = cfg.field(
-        0.95, "cosine at or above which a pool image copies an evaluation image"
+        0.90, "cosine at or above which a pool image copies an evaluation image"
     )
     eval_folders: tuple[str, ...] = cfg.field(
         (), "evaluation image folders (GPR1200 layout) whose copies are dropped"
@@ -130,6 +132,12 @@ def run_hygiene(
 
 def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progress) -> StageResult:
     from ..score.eval_embed import embed_eval_images
+
+    if config.nsfw and not score_config.nsfw:
+        raise cfg.ConfigError(
+            "hygiene.nsfw filters by the NSFW score that the score stage computes only with "
+            "score.nsfw on: turn both on (and score again), or hygiene.nsfw off"
+        )
 
     done = completed_shards(layout.store(SCORE), "score")
     store = layout.store(STAGE)

@@ -65,6 +65,9 @@ class ScoreConfig(cfg.StageConfig):
         40_000_000, "images with more pixels are skipped (decompression bombs)"
     )
     text_batch_size: int = cfg.field(256, "entity prompts per text forward pass")
+    nsfw: bool = cfg.field(
+        False, "also score each image with Open NSFW (stage.nsfw; the hygiene stage filters)"
+    )
     cache_uri: str = cfg.field(
         "", "entity embedding cache (default: RUN/score/_embedding_cache)", output=False
     )

@@ -78,6 +78,7 @@ class _Loop:
     t_img: float = 0.0
     n_img: int = 0
     t_ref: float = 0.0
+    t_nsfw: float = 0.0
     n_ref: int = 0
     n_batches: int = 0
     t_first: float | None = None
@@ -120,6 +121,11 @@ class ScoreStage(ShardStage):
         )
         torch.set_num_threads(self.threads)
         self.backend = build_backend(c, self.run_uri, self.device)
+        self.nsfw = None
+        if c.nsfw:  # Open NSFW on the same batches (the hygiene stage filters by its score)
+            from .nsfw import NsfwScorer
+
+            self.nsfw = NsfwScorer(self.device.type, self.threads)
         self.index, mat = read_entity_matrix(self.entity_matrix)
         self.E = torch.from_numpy(mat).to(self.device)  # on CPU: the shared mapping itself
         self._t_ready = time.time()
@@ -251,8 +257,14 @@ class ScoreStage(ShardStage):
         st.buffers.setdefault(sid, []).extend(
             (k, e, float(v)) for (k, e), v in zip(pairs, sims, strict=True)
         )
+        if self.nsfw is not None:
+            t0 = time.perf_counter()
+            unsafe = self.nsfw(x[:n_real]).tolist()
+            st.t_nsfw += time.perf_counter() - t0
+        else:
+            unsafe = [None] * n_real
         st.embeddings.setdefault(sid, []).extend(
-            zip(keys, visual.cpu().numpy(), hashes, strict=True)
+            zip(keys, visual.cpu().numpy(), hashes, unsafe, strict=True)
         )
         st.n_batches += 1
         if self.reference_every and st.n_batches % self.reference_every == 0:
@@ -302,6 +314,7 @@ class ScoreStage(ShardStage):
             "steady_s": time.perf_counter() - (st.t_first or time.perf_counter()) - st.t_ref,
             "wait_s": st.t_wait,
             "reference_s": st.t_ref,
+            "nsfw_s": st.t_nsfw,
             "reference_images": st.n_ref,
             "decode": decode,
             "device_decode_s": st.t_decode,
@@ -323,6 +336,7 @@ class ScoreStage(ShardStage):
                         "key": [r[0] for r in embs],
                         "embedding": pa.array([r[1].tolist() for r in embs], EMBEDDING_TYPE),
                         "sha256": pa.array([r[2] or None for r in embs], pa.string()),
+                        "nsfw": pa.array([r[3] for r in embs], pa.float32()),
                     }
                 ),
                 f,
@@ -362,6 +376,7 @@ class ScoreStage(ShardStage):
                 sum(r["images"] / r["steady_s"] for r in reports if r.get("steady_s")), 1
             ),
             "model_seconds": round(sum(r["model_s"] for r in reports), 2),
+            "nsfw_seconds": round(sum(r.get("nsfw_s", 0.0) for r in reports), 2),
             "worker_peak_rss_bytes": max(r["peak_rss_bytes"] for r in reports),
             "loader_wait_seconds": round(sum(r["wait_s"] for r in reports), 2),
             "devices": [r["device"] for r in reports],

@@ -29,7 +29,7 @@ from training.core.i2e import I2ELayout
 from ...runtime import markers
 from ...runtime import raw as raw_mod
 from ...runtime.executor import ShardStage, ShardTask, StageResult, run_shards, stage_lease
-from ...runtime.layout import LABELS, WRITE, RunLayout
+from ...runtime.layout import HYGIENE, LABELS, WRITE, RunLayout
 from ...runtime.markers import completed_shards
 from ..ner.stage import planned_raw_shards
 from ..vocab.filtering import FilterError
@@ -264,7 +264,19 @@ def _run_write(c, raw_uri, layout, i2e_uri, progress, only) -> StageResult:
         "run": run_uri,
         "raw": raw_uri,
         "skipped_input_shards": problems,
+        # what the hygiene stage removed before vocab, and with which settings (each posted
+        # evaluation result carries it through the checkpoint)
+        "hygiene": hygiene_record(layout),
     }
     storage.write_json(i2e.info, info)
     result.extra.update(info)
     return result
+
+
+def hygiene_record(layout: RunLayout) -> dict | None:
+    """The run's hygiene settings and drops by reason (None: built without the stage)."""
+    st = layout.store(HYGIENE).read_done(markers.WHOLE_STAGE)
+    if st is None:
+        return None
+    extra = st.extra or {}
+    return {"settings": extra.get("settings"), "drops": dict(st.drops), "images_in": st.n_in}

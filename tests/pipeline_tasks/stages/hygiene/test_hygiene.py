@@ -13,15 +13,17 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from mofi_testdata import copy_raw_shard
 from PIL import Image
 
 from pipeline_tasks.runtime import status
 from pipeline_tasks.runtime.layout import RunLayout
-from mofi_testdata import copy_raw_shard
 from pipeline_tasks.stages.hygiene import stage as hygiene
 from pipeline_tasks.stages.ner.stage import run_ner
 from pipeline_tasks.stages.score import stage as score
+from pipeline_tasks.stages.score.nsfw import NsfwScorer
 from pipeline_tasks.stages.vocab import stage as vocab
+from training.core.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +48,43 @@ def _embedded(run: str) -> dict[str, dict]:
     return out
 
 
+def _worker_batch(c, run: str, raw: str, image_id: str):
+    """A one-image batch as the score worker makes it (decode, resize, centre crop)."""
+    import torch
+
+    from pipeline_tasks.runtime import raw as raw_mod
+    from pipeline_tasks.stages.score.backends import build_backend
+    from training.transforms import resize_center_crop, stack_hwc, to_uint8_hwc
+
+    size = build_backend(c, run, torch.device("cpu")).image_size
+    shard, key = image_id.split("/")
+    im, reason = raw_mod.decode_image(_tar_images(raw, shard)[key], c.max_pixels)
+    assert reason is None, reason
+    return stack_hwc([to_uint8_hwc(resize_center_crop(im, size))])
+
+
 def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, tmp_path):
     run = tmp_path / "run"
-    for stage in ("ner", "score", "scorer"):
+    for stage in ("ner", "scorer"):
         shutil.copytree(os.path.join(built["run"], stage), run / stage)
     # the planted faults: shard 00014 is a byte copy of 00000 under other keys (other URLs,
-    # the same pictures), put through ner and score as a newly crawled shard
+    # the same pictures), put through ner as a newly crawled shard; scored with Open NSFW
     new_raw = tmp_path / "raw"
     shutil.copytree(built["raw"], new_raw)
     copy_raw_shard(new_raw, "00000", new_shard="00014")
     c = built["config"]
     run_ner(c.ner, str(new_raw), built["kb"], str(run), False, None)
-    score.run_score(c.score, str(new_raw), str(run), built["kb"], False).raise_if_failed()
+    sres = score.run_score(c.score.replace(nsfw=True), str(new_raw), str(run), built["kb"], False)
+    sres.raise_if_failed()
+    assert sres["nsfw_seconds"] > 0
     emb = _embedded(str(run))
+    assert all(0.0 <= r["nsfw"] <= 1.0 for r in emb.values())
+    # the worker's scores are the packaged model's on the same pictures
+    i0 = sorted(emb)[0]
+    batch = _worker_batch(c.score, str(run), str(new_raw), i0)
+    assert emb[i0]["nsfw"] == pytest.approx(float(NsfwScorer()(batch)[0]), abs=1e-4)
+    # the most unsafe-looking picture (the threshold set at its score) goes for that reason
+    top = max(emb, key=lambda i: (emb[i]["nsfw"], i))
     # the score stage kept each image's content hash: equal bytes, equal hash
     tars = {s: _tar_images(built["raw"], s) for s in ("00000", "00001")}
     for i, r in emb.items():
@@ -71,7 +97,7 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     # another pool image (both from shard 00001)
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    k1, k2 = sorted(k for k in tars["00001"] if f"00001/{k}" in emb)[:2]
+    k1, k2 = sorted(k for k in tars["00001"] if f"00001/{k}" in emb and f"00001/{k}" != top)[:2]
     (eval_dir / "exact_0.jpg").write_bytes(tars["00001"][k1])
     im = Image.open(io.BytesIO(tars["00001"][k2])).convert("RGB")
     w, h = im.size
@@ -87,19 +113,25 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
         eval_folders=(str(eval_dir),),
         near_threshold=0.97,
         eval_threshold=0.9,
+        nsfw=True,
+        nsfw_threshold=emb[top]["nsfw"],
     )
-    res = hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    with pytest.raises(ConfigError, match="score.nsfw"):  # no NSFW score to filter by
+        hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    res = hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(run), False)
     res.raise_if_failed()
     dropped = {f"{r['shard']}/{r['key']}": r for r in pq.read_table(
         run / "hygiene" / "dropped.parquet").to_pylist()}  # fmt: skip
 
+    unsafe = {i for i, r in dropped.items() if r["reason"] == "nsfw"}
+    assert top in unsafe and unsafe == {i for i in emb if emb[i]["nsfw"] >= emb[top]["nsfw"]}
     # every byte copy goes, pointing at the smallest (shard, key) with its bytes
     for i in copies:
         assert i in dropped, i
         if dropped[i]["reason"] == "exact_duplicate":
-            first = min(j for j in emb if emb[j]["sha256"] == emb[i]["sha256"])
+            first = min(j for j in emb if emb[j]["sha256"] == emb[i]["sha256"] and j not in unsafe)
             assert dropped[i]["matched"] == first and first not in dropped
-    assert sum(r["reason"] == "exact_duplicate" for r in dropped.values()) >= len(copies)
+    assert sum(r["reason"] == "exact_duplicate" for r in dropped.values()) >= len(copies - unsafe)
     # both evaluation copies go, with the eval file they copy
     for key, name in ((k1, "exact_0.jpg"), (k2, "crop_0.jpg")):
         r = dropped[f"00001/{key}"]
@@ -125,7 +157,7 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     assert res.extra["eval_images"] == 2 and res.extra["settings"]["near_threshold"] == 0.97
 
     # the same settings again: nothing recomputed
-    again = hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
+    again = hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(run), False)
     assert again.extra["skipped"]
 
     # vocab leaves every dropped image out of the labels
@@ -135,7 +167,9 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     for f in os.listdir(run / "labels"):
         if f.endswith(".parquet"):
             shard = f.removesuffix(".parquet")
-            labelled |= {f"{shard}/{k}" for k in pq.read_table(run / "labels" / f)["key"].to_pylist()}
+            labelled |= {
+                f"{shard}/{k}" for k in pq.read_table(run / "labels" / f)["key"].to_pylist()
+            }
     assert labelled and not (labelled & set(dropped))
     assert labelled & {"00000/00000" + i[11:] for i in copies}  # the originals keep their labels
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+from unittest.mock import ANY
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +44,10 @@ def test_webdataset_reads_back_the_i2e_shards(built):
     assert n == sum(sizes.values()) > 0
     info = json.loads(open(os.path.join(i2e, "_info.json")).read())
     assert info["num_samples"] == n and info["num_classes"] == vocab_t.num_rows
+    # the hygiene settings and drops that built it (cpu_test: every part off, nothing dropped)
+    hygiene = built["config"].hygiene
+    settings = json.loads(json.dumps(hygiene.settings()))
+    assert info["hygiene"] == {"settings": settings, "drops": {}, "images_in": ANY}
 
 
 def test_killed_shard_is_redone_identically(built, tmp_path):

@@ -1,0 +1,211 @@
+"""The hygiene stage on planted cases (``_planted``): recall per planted kind, false removal of
+genuinely different pictures, the thresholds' calibration, and its cost against scoring.
+
+    .venv/bin/python tests/benchmarks/bench_hygiene.py [--sizes 120,240,480] [--out DIR]
+
+For each size (photos drawn; about 1.6x as many pool images with the copies) it runs the real
+stages on a fresh run: ner (Spark), score (the packaged scorer, bootstrapped once on the
+largest corpus and reused), hygiene (Spark) with the production recipe's settings and the
+planted evaluation folder registered. Prints per size:
+
+* recall per planted kind (a copy of a pool original must be dropped; a copy of an
+  evaluation photo must be dropped as ``eval_copy``) and false removal (pool originals
+  dropped, over all pool originals: each is a genuinely different picture);
+* the calibration table: from the score stage's embeddings, the recall and the false
+  removal every near-duplicate threshold would give (a planted copy is found when its cosine
+  to its source reaches the threshold; an original is falsely removed when its cosine to
+  another original does);
+* seconds of hygiene against seconds of score on the same corpus, and the growth exponent
+  of the hygiene stage's time over the sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+
+
+def _planted():
+    spec = importlib.util.spec_from_file_location("_planted", os.path.join(HERE, "_planted.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _embeddings(run: str) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(glob.glob(os.path.join(run, "score", "embeddings", "*.parquet"))):
+        shard = os.path.basename(f).removesuffix(".parquet")
+        t = pq.read_table(f)
+        for k, e in zip(t["key"].to_pylist(), t["embedding"].to_pylist(), strict=True):
+            out[f"{shard}/{k}"] = np.asarray(e, np.float32)
+    for f in glob.glob(os.path.join(run, "score", "eval", "*.parquet")):
+        t = pq.read_table(f)
+        for name, e in zip(t["file"].to_pylist(), t["embedding"].to_pylist(), strict=True):
+            out[name] = np.asarray(e, np.float32)
+    return {k: v / max(np.linalg.norm(v), 1e-12) for k, v in out.items()}
+
+
+def calibration(run: str, truth: dict) -> list[dict]:
+    """Recall per kind and false removal at each threshold, from the embeddings alone."""
+    emb = _embeddings(run)
+    cos_by_kind: dict[str, list[float]] = {}
+    for i, (kind, src) in truth["copies"].items():
+        if i in emb and src in emb:
+            cos_by_kind.setdefault(kind, []).append(float(emb[i] @ emb[src]))
+    orig = [i for i in truth["originals"] if i in emb]
+    x = np.stack([emb[i] for i in orig])
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1.0)
+    nearest = sims.max(axis=1)  # each original's most similar other original
+    rows = []
+    for t in THRESHOLDS:
+        row = {"threshold": t}
+        for kind, v in sorted(cos_by_kind.items()):
+            row[kind] = round(float(np.mean(np.asarray(v) >= t)), 3)
+        # a pair of originals above the threshold loses its larger id: count pairs' losers
+        ia, ib = np.nonzero(np.triu(sims >= t))
+        lost = {max(orig[a], orig[b]) for a, b in zip(ia, ib, strict=True)}
+        row["false_removal"] = round(len(lost) / len(orig), 4)
+        row["originals_with_a_neighbour"] = round(float(np.mean(nearest >= t)), 4)
+        rows.append(row)
+    return rows
+
+
+def score_drops(run: str, truth: dict) -> dict:
+    t = pq.read_table(os.path.join(run, "hygiene", "dropped.parquet")).to_pylist()
+    dropped = {f"{r['shard']}/{r['key']}": r for r in t}
+    out: dict = {"kinds": {}}
+    for i, (kind, src) in truth["copies"].items():
+        k = out["kinds"].setdefault(kind, {"planted": 0, "dropped": 0, "wrong_match": 0})
+        k["planted"] += 1
+        r = dropped.get(i)
+        ok = r is not None and (r["reason"] == "eval_copy") == kind.startswith("eval_")
+        k["dropped"] += ok
+        k["wrong_match"] += bool(ok and r["matched"] != src)
+    for k in out["kinds"].values():
+        k["recall"] = round(k["dropped"] / k["planted"], 4)
+    lost = [i for i in truth["originals"] if i in dropped]
+    out["originals"] = len(truth["originals"])
+    out["originals_dropped"] = len(lost)
+    out["false_removal"] = round(len(lost) / len(truth["originals"]), 4)
+    out["reasons"] = {}
+    for r in dropped.values():
+        out["reasons"][r["reason"]] = out["reasons"].get(r["reason"], 0) + 1
+    return out
+
+
+def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None) -> dict:
+    from pipeline_tasks import recipes
+    from pipeline_tasks.runtime.layout import RunLayout
+    from pipeline_tasks.stages.hygiene.stage import run_hygiene
+    from pipeline_tasks.stages.ner.stage import run_ner
+    from pipeline_tasks.stages.score.stage import ensure_scorer, run_score
+
+    root = os.path.join(args.out, f"n{n}")
+    shutil.rmtree(root, ignore_errors=True)
+    truth = _planted().make_corpus(photos_dir, records, root, n, seed=args.seed)
+    raw, run = os.path.join(root, "raw"), os.path.join(root, "run")
+    p = recipes.demo()
+    secs = {}
+    t0 = time.time()
+    run_ner(p.ner, raw, kb, run, False, None).raise_if_failed()
+    secs["ner"] = time.time() - t0
+    score_c = p.score.replace(model=scorer) if scorer else p.score
+    if not scorer:
+        t0 = time.time()
+        ensure_scorer(p.score, p.bootstrap, raw, kb, run, False)
+        secs["scorer_bootstrap"] = time.time() - t0
+    t0 = time.time()
+    sres = run_score(score_c, raw, run, kb, False)
+    sres.raise_if_failed()
+    secs["score"] = time.time() - t0
+    hc = recipes.production().hygiene.replace(eval_folders=(os.path.join(root, "eval"),))
+    if args.near_threshold:
+        hc = hc.replace(near_threshold=args.near_threshold)
+    t0 = time.time()
+    hres = run_hygiene(hc, score_c, run, progress=False)
+    secs["hygiene"] = time.time() - t0
+    res = {
+        "photos": n,
+        "pool_images": int(hres.extra["images_in"]),
+        "seconds": {k: round(v, 1) for k, v in secs.items()},
+        "hygiene_over_score": round(secs["hygiene"] / secs["score"], 3),
+        "pairs_compared": hres.extra.get("pairs_compared"),
+        "settings": hres.extra.get("settings"),
+        **score_drops(run, truth),
+        "calibration": calibration(run, truth),
+    }
+    return res, RunLayout(run).scorer_checkpoint
+
+
+def print_size(r: dict) -> None:
+    print(f"\n== {r['photos']} photos, {r['pool_images']} pool images ==")
+    print(f"{'kind':<14}{'planted':>8}{'dropped':>8}{'recall':>8}{'wrong match':>12}")
+    for kind, k in sorted(r["kinds"].items()):
+        print(f"{kind:<14}{k['planted']:>8}{k['dropped']:>8}{k['recall']:>8.3f}"
+              f"{k['wrong_match']:>12}")  # fmt: skip
+    print(f"false removal: {r['originals_dropped']} of {r['originals']} originals "
+          f"= {r['false_removal']:.4f}; drops by reason {r['reasons']}")  # fmt: skip
+    print(f"seconds {r['seconds']}; hygiene / score = {r['hygiene_over_score']}")
+    cols = [k for k in r["calibration"][0] if k != "threshold"]
+    print(
+        "calibration (from the embeddings):\n" + "thr   " + " ".join(f"{c[:12]:>12}" for c in cols)
+    )
+    for row in r["calibration"]:
+        print(f"{row['threshold']:.2f}  " + " ".join(f"{row[c]:>12}" for c in cols))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="120,240,480", help="photos per corpus")
+    ap.add_argument("--out", default="runs/bench-hygiene")
+    ap.add_argument("--photos", default=None, help="photo cache (default: the demo's)")
+    ap.add_argument("--near-threshold", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from pipeline_tasks.demo import photos
+    from pipeline_tasks.stages.kb.stage import KBConfig, build_kb
+
+    photos_dir = photos.ensure_photos(args.photos)
+    records = photos.read_index(photos_dir)
+    os.makedirs(args.out, exist_ok=True)
+    kb = os.path.join(args.out, "kb")
+    if not os.path.exists(kb):
+        table = _planted().kb_table(records, os.path.join(args.out, "foods.jsonl"))
+        build_kb(KBConfig(sources=(table,)), kb)
+    sizes = sorted((int(s) for s in args.sizes.split(",")), reverse=True)
+    results, scorer = [], None
+    for n in sizes:
+        r, ckpt = run_size(n, args, kb, records, photos_dir, scorer)
+        scorer = scorer or ckpt
+        print_size(r)
+        results.append(r)
+    results.sort(key=lambda r: r["pool_images"])
+    if len(results) >= 2:
+        xs = [math.log(r["pool_images"]) for r in results]
+        ys = [math.log(r["seconds"]["hygiene"]) for r in results]
+        slope = float(np.polyfit(xs, ys, 1)[0])
+        print(f"\nhygiene time growth exponent over {[r['pool_images'] for r in results]} "
+              f"pool images: {slope:.2f}")  # fmt: skip
+        results.append({"hygiene_growth_exponent": round(slope, 3)})
+    with open(os.path.join(args.out, "result.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

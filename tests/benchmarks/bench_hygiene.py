@@ -124,7 +124,8 @@ def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None
     t0 = time.time()
     run_ner(p.ner, raw, kb, run, False, None).raise_if_failed()
     secs["ner"] = time.time() - t0
-    score_c = p.score.replace(model=scorer) if scorer else p.score
+    # the NSFW score is computed by the score workers: its seconds are the step's too
+    score_c = (p.score.replace(model=scorer) if scorer else p.score).replace(nsfw=True)
     if not scorer:
         t0 = time.time()
         ensure_scorer(p.score, p.bootstrap, raw, kb, run, False)
@@ -139,11 +140,16 @@ def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None
     t0 = time.time()
     hres = run_hygiene(hc, score_c, run, progress=False)
     secs["hygiene"] = time.time() - t0
+    nsfw_s = float(sres.extra.get("nsfw_seconds", 0.0))
+    score_alone = secs["score"] - nsfw_s  # the score stage as it runs without NSFW
     res = {
         "photos": n,
         "pool_images": int(hres.extra["images_in"]),
         "seconds": {k: round(v, 1) for k, v in secs.items()},
-        "hygiene_over_score": round(secs["hygiene"] / secs["score"], 3),
+        "nsfw_seconds_in_score": round(nsfw_s, 1),
+        "spark_over_score": round(secs["hygiene"] / score_alone, 3),
+        "nsfw_over_score": round(nsfw_s / score_alone, 3),
+        "hygiene_over_score": round((secs["hygiene"] + nsfw_s) / score_alone, 3),
         "pairs_compared": hres.extra.get("pairs_compared"),
         "settings": hres.extra.get("settings"),
         **score_drops(run, truth),
@@ -160,7 +166,9 @@ def print_size(r: dict) -> None:
               f"{k['wrong_match']:>12}")  # fmt: skip
     print(f"false removal: {r['originals_dropped']} of {r['originals']} originals "
           f"= {r['false_removal']:.4f}; drops by reason {r['reasons']}")  # fmt: skip
-    print(f"seconds {r['seconds']}; hygiene / score = {r['hygiene_over_score']}")
+    print(f"seconds {r['seconds']} (NSFW inside score: {r['nsfw_seconds_in_score']} s); over "
+          f"the score stage without NSFW: Spark job {r['spark_over_score']}, NSFW "
+          f"{r['nsfw_over_score']}, both {r['hygiene_over_score']}")  # fmt: skip
     cols = [k for k in r["calibration"][0] if k != "threshold"]
     print(
         "calibration (from the embeddings):\n" + "thr   " + " ".join(f"{c[:12]:>12}" for c in cols)

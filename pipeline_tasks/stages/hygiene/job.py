@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 IMAGE_SCHEMA = "shard string, key string, embedding array<float>, sha256 string, nsfw float"
-BUCKET_SCHEMA = "tbl int, bkey long, id string, embedding array<float>"
 EDGE_SCHEMA = "a string, b string, cos float"
 DROP_SCHEMA = "id string, reason string, matched string, score float"
 EVAL_PREFIX = "\x00eval/"  # sorts before every pool id; never a shard name
@@ -61,7 +60,8 @@ def read_images(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 def bucket_rows(
     hyperplanes: np.ndarray, tables: int, batches: Iterator[pd.DataFrame]
 ) -> Iterator[pd.DataFrame]:
-    """One row per (image, table): the image's bucket key in that table."""
+    """One row per (image, table): the image's bucket key in that table (ids only: the
+    embeddings join back for the buckets that hold two or more images)."""
     from pipeline_tasks.stages.hygiene import lsh
 
     for pdf in batches:
@@ -75,27 +75,61 @@ def bucket_rows(
                 "tbl": np.tile(np.arange(tables, dtype=np.int32), n),
                 "bkey": k.reshape(-1),
                 "id": np.repeat(pdf["id"].to_numpy(), tables),
-                "embedding": list(np.repeat(emb, tables, axis=0)),
             }
         )
 
 
 def bucket_pairs(min_cos: float, max_bucket: int, pdf: pd.DataFrame) -> pd.DataFrame:
-    """The pairs of one bucket (an ``applyInPandas`` group) at cosine >= ``min_cos``, each
-    as (smaller id, larger id); a bucket over ``max_bucket`` compares everything with its
-    first ``max_bucket`` members only."""
-    if len(pdf) < 2:
+    """The pairs at cosine >= ``min_cos`` inside each bucket (tbl, bkey) of ``pdf`` (an
+    ``applyInPandas`` group holding many buckets), each as (smaller id, larger id); a bucket
+    over ``max_bucket`` compares everything with its first ``max_bucket`` members only."""
+    from pipeline_tasks.stages.hygiene import lsh
+
+    out_a, out_b, out_c = [], [], []
+    for _, g in pdf.groupby(["tbl", "bkey"], sort=False):
+        if len(g) < 2:
+            continue
+        g = g.sort_values("id")
+        ids = g["id"].to_numpy()
+        x = lsh.normalize(np.stack(g["embedding"].to_numpy()))
+        sims = x[:max_bucket] @ x.T  # (leaders, all)
+        i, j = np.nonzero(sims >= min_cos)
+        keep = i < j  # each pair once, leaders against later members
+        i, j = i[keep], j[keep]
+        out_a.append(ids[i])
+        out_b.append(ids[j])
+        out_c.append(sims[i, j].astype(np.float32))
+    if not out_a:
         none = np.array([], dtype=object)
         return pd.DataFrame({"a": none, "b": none, "cos": np.array([], np.float32)})
-    pdf = pdf.sort_values("id")
-    ids = pdf["id"].to_numpy()
-    x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-    lead = x[:max_bucket]
-    sims = lead @ x.T  # (leaders, all)
-    i, j = np.nonzero(sims >= min_cos)
-    keep = i < j  # each pair once, leaders against later members
-    i, j = i[keep], j[keep]
-    return pd.DataFrame({"a": ids[i], "b": ids[j], "cos": sims[i, j].astype(np.float32)})
+    return pd.DataFrame(
+        {"a": np.concatenate(out_a), "b": np.concatenate(out_b), "cos": np.concatenate(out_c)}
+    )
+
+
+def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_groups: int):
+    """(a, b, cos) of every pair that shares an LSH bucket and reaches ``thr``. Only bucket
+    keys travel through the first shuffle; the embeddings join back for the buckets that
+    hold two or more images, which are compared in ``n_groups`` groups of many buckets (one
+    Python call per group, not per bucket)."""
+    from pyspark.sql import functions as F
+
+    tables = int(c["lsh_tables"])
+    keyed = members.select("id", "embedding").mapInPandas(
+        partial(bucket_rows, hyperplanes, tables), "tbl int, bkey long, id string"
+    )
+    shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
+    rows = (
+        keyed.join(shared, ["tbl", "bkey"])
+        .join(members.select("id", "embedding"), "id")
+        .withColumn("part", F.pmod(F.xxhash64("tbl", "bkey"), F.lit(n_groups)))
+    )
+    return (
+        rows.groupBy("part")
+        .applyInPandas(_pairs_at(thr, int(c["max_bucket"])), EDGE_SCHEMA)
+        .groupBy("a", "b")
+        .agg(F.max("cos").alias("cos"))
+    )
 
 
 def _pairs_at(min_cos: float, max_bucket: int):
@@ -158,7 +192,7 @@ def _eval_file(col):
     return F.substring(col, len(EVAL_PREFIX) + 1, 1 << 30)
 
 
-def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray, n_parts: int):
+def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray, n_images: int):
     """(drops: id, reason, matched, score; pairs compared in buckets)."""
     from pyspark.sql import functions as F
 
@@ -192,16 +226,10 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
             float(c["near_threshold"]) if near_on else 1.0,
             float(c["eval_threshold"]) if eval_on else 1.0,
         )
-        tables = int(c["lsh_tables"])
-        edges = (
-            members.repartition(n_parts)
-            .mapInPandas(partial(bucket_rows, hyperplanes, tables), BUCKET_SCHEMA)
-            .groupBy("tbl", "bkey")
-            .applyInPandas(_pairs_at(thr, int(c["max_bucket"])), EDGE_SCHEMA)
-            .groupBy("a", "b")
-            .agg(F.max("cos").alias("cos"))
-            .localCheckpoint()
-        )
+        # groups of at most ~100,000 (image, table) rows, at least two per core
+        n_rows = n_images * int(c["lsh_tables"])
+        n_groups = max(2 * spark.sparkContext.defaultParallelism, n_rows // 100_000 + 1)
+        edges = candidate_pairs(members, hyperplanes, c, thr, n_groups).localCheckpoint()
         n_pairs = edges.count()
     if eval_on:  # near copies of evaluation images (eval ids sort first: always in "a")
         hits = edges.filter(
@@ -271,6 +299,8 @@ def main(spec_path: str) -> int:
     store = layout.store(STAGE)
     store.mark_running(markers.WHOLE_STAGE)
     n_parts = max(1, min(len(spec["embedding_files"]), 2 * spark.sparkContext.defaultParallelism))
+    # one whole-stage task: the runtime's default would be a single shuffle partition
+    spark.conf.set("spark.sql.shuffle.partitions", str(2 * spark.sparkContext.defaultParallelism))
     images = (
         spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
         .repartition(n_parts)
@@ -291,7 +321,7 @@ def main(spec_path: str) -> int:
             )
     dim = len(images.select("embedding").first()["embedding"]) if n_in else 1
     planes = lsh.planes(dim, int(c["lsh_bits"]), int(c["lsh_tables"]), int(c["seed"]))
-    drops, n_pairs = find_drops(spark, c, images, evals, planes, n_parts)
+    drops, n_pairs = find_drops(spark, c, images, evals, planes, int(n_in))
     dropped = (
         drops.join(images.select("id", "shard", "key"), "id")
         .select("shard", "key", "reason", "matched", "score")

@@ -35,46 +35,64 @@ DROP_SCHEMA = "id string, reason string, matched string, score float"
 EVAL_PREFIX = "\x00eval/"  # sorts before every pool id; never a shard name
 
 
-def read_images(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def read_images(batches):
     """Each (shard, uri) row's embeddings file: key, embedding, sha256 and nsfw (null when
-    the score stage did not compute them)."""
+    the score stage did not compute them), as Arrow batches (``mapInArrow``: the embeddings
+    are never Python lists)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from training.core import storage
 
-    for pdf in batches:
-        for shard, uri in zip(pdf["shard"], pdf["uri"], strict=True):
+    for rb in batches:
+        for shard, uri in zip(rb.column("shard").to_pylist(), rb.column("uri").to_pylist(),
+                              strict=True):  # fmt: skip
             with storage.open_read(uri) as f:
                 t = pq.read_table(f)
             n = t.num_rows
             if not n:
                 continue
-            out = pd.DataFrame({"shard": [shard] * n, "key": t.column("key").to_pylist()})
-            out["embedding"] = t.column("embedding").to_pylist()
-            for col in ("sha256", "nsfw"):  # None (null), never NaN: Spark orders NaN highest
-                vals = t.column(col).to_pylist() if col in t.column_names else [None] * n
-                out[col] = pd.Series(vals, dtype=object)
-            yield out
+            cols = {
+                "shard": pa.array([shard] * n, pa.string()),
+                "key": t.column("key").combine_chunks(),
+                "embedding": t.column("embedding").cast(pa.list_(pa.float32())).combine_chunks(),
+            }
+            for name, typ in (("sha256", pa.string()), ("nsfw", pa.float32())):
+                cols[name] = (  # null, never NaN, when missing: Spark orders NaN highest
+                    t.column(name).cast(typ).combine_chunks()
+                    if name in t.column_names
+                    else pa.nulls(n, typ)
+                )
+            yield from pa.Table.from_pydict(cols).to_batches()
 
 
-def bucket_rows(
-    hyperplanes: np.ndarray, tables: int, batches: Iterator[pd.DataFrame]
-) -> Iterator[pd.DataFrame]:
+def _matrix(col) -> np.ndarray:
+    """(n, dim) float32 of an Arrow list<float> column of equal-length rows."""
+    n = len(col)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(n, -1) if n else flat.reshape(0, 1)
+
+
+def bucket_rows(hyperplanes: np.ndarray, tables: int, batches):
     """One row per (image, table): the image's bucket key in that table (ids only: the
-    embeddings join back for the buckets that hold two or more images)."""
+    embeddings join back for the buckets that hold two or more images). Arrow batches in
+    and out (``mapInArrow``)."""
+    import pyarrow as pa
+
     from pipeline_tasks.stages.hygiene import lsh
 
-    for pdf in batches:
-        if not len(pdf):
+    for rb in batches:
+        n = rb.num_rows
+        if not n:
             continue
-        emb = lsh.normalize(np.stack(pdf["embedding"].to_numpy()))
+        emb = lsh.normalize(_matrix(rb.column("embedding")))
         k = lsh.keys(emb, hyperplanes, tables)  # (n, tables)
-        n = len(pdf)
-        yield pd.DataFrame(
+        ids = np.asarray(rb.column("id").to_pylist(), dtype=object)
+        yield pa.RecordBatch.from_pydict(
             {
-                "tbl": np.tile(np.arange(tables, dtype=np.int32), n),
-                "bkey": k.reshape(-1),
-                "id": np.repeat(pdf["id"].to_numpy(), tables),
+                "tbl": pa.array(np.tile(np.arange(tables, dtype=np.int32), n)),
+                "bkey": pa.array(k.reshape(-1)),
+                "id": pa.array(np.repeat(ids, tables), pa.string()),
             }
         )
 
@@ -115,7 +133,7 @@ def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_gro
     from pyspark.sql import functions as F
 
     tables = int(c["lsh_tables"])
-    keyed = members.select("id", "embedding").mapInPandas(
+    keyed = members.select("id", "embedding").mapInArrow(
         partial(bucket_rows, hyperplanes, tables), "tbl int, bkey long, id string"
     )
     shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
@@ -304,7 +322,7 @@ def main(spec_path: str) -> int:
     images = (
         spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
         .repartition(n_parts)
-        .mapInPandas(read_images, IMAGE_SCHEMA)
+        .mapInArrow(read_images, IMAGE_SCHEMA)
         .withColumn("id", F.concat_ws("/", "shard", "key"))
         .localCheckpoint()
     )

@@ -20,7 +20,7 @@ AIRFLOW_ARGS := $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 # runs on its hosts: PostgreSQL and Redis (SeaweedFS comes from PyPI, Spark with pyspark)
 SYSTEM_PACKAGES := chromium docker-compose postgresql redis-server
 
-.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench bench-scale bench-map lint format clean distclean lock
+.PHONY: setup system verify demo demo-cli airflow-up airflow-down cluster test test-fast chaos bench bench-scale bench-map bench-hygiene lint format clean distclean lock
 
 setup: system $(STAMP)
 
@@ -106,6 +106,11 @@ bench-scale: setup
 bench-map: setup
 	mkdir -p runs/bench-map
 	$(PY) tests/benchmarks/bench_map_size.py --work runs/bench-map/work --out runs/bench-map/result.json
+
+# The hygiene stage on planted copies of real photographs (README "Hygiene"): recall per
+# kind, false removal, the threshold table, its cost against scoring. Writes runs/bench-hygiene.
+bench-hygiene: setup
+	$(PY) tests/benchmarks/bench_hygiene.py --out runs/bench-hygiene
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,9 @@ from ...runtime.markers import WHOLE_STAGE, completed_shards
 from ...runtime.spark import SparkConfig, run_spark_stage
 from .filtering import FilterError
 
+# which dropped.parquet of the hygiene stage the vocabulary and labels left out
+HYGIENE_INPUT = "_hygiene_input.json"
+
 STAGE = VOCAB
 LABELS_STAGE = LABELS
 JOB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.py")
@@ -141,6 +144,14 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
         raise cfg.ConfigError(
             f"{vocab_dir} was built with another vocab config; use a new run URI or delete {vocab_dir} and {labels_dir}"
         )
+    dropped = _dropped_digest(layout)
+    record = storage.join(vocab_dir, HYGIENE_INPUT)
+    if vstore.is_done(WHOLE_STAGE):
+        used = storage.read_json(record).get("dropped_sha256") if storage.exists(record) else ""
+        if used != dropped:  # the hygiene stage dropped other images: vocab and labels redone
+            vstore.unmark_done(WHOLE_STAGE)
+            for s in done:
+                lstore.unmark_done(s)
     vstore.write_plan([WHOLE_STAGE])
     lstore.write_plan(done)
     config.save(vocab_dir)
@@ -176,6 +187,8 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
             raise FilterError(failed["error"][len("filter: ") :]) from exc
         raise
     st = vstore.read_done(WHOLE_STAGE)
+    if st is not None:
+        storage.write_json(record, {"dropped_sha256": dropped})
     if st is None:
         recs = vstore.read_all()
         raise RuntimeError(
@@ -183,6 +196,14 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
         )
     result.extra.update(skipped=not result.processed, vocab=layout.vocab_file, **(st.extra or {}))
     return result
+
+
+def _dropped_digest(layout: RunLayout) -> str:
+    """sha256 of the hygiene stage's dropped.parquet ("" when the run has none)."""
+    import hashlib
+
+    uri = layout.hygiene_dropped
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if storage.exists(uri) else ""
 
 
 def load_vocab(uri: str) -> pa.Table:

@@ -171,6 +171,15 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
                 f"{shard}/{k}" for k in pq.read_table(run / "labels" / f)["key"].to_pylist()
             }
     assert labelled and not (labelled & set(dropped))
+    # the same drops: vocab has nothing to redo; other drops: vocab and labels are redone
+    assert vocab.run_vocab(built["config"].vocab, str(run), built["kb"], False).extra["skipped"]
+    c2 = c.replace(nsfw=False)
+    hygiene.run_hygiene(c2, built["config"].score.replace(nsfw=True), str(run), False)
+    again = {f"{r['shard']}/{r['key']}" for r in pq.read_table(
+        run / "hygiene" / "dropped.parquet").to_pylist()}  # fmt: skip
+    assert set(dropped) - unsafe <= again <= set(dropped)
+    vres = vocab.run_vocab(built["config"].vocab, str(run), built["kb"], progress=False)
+    assert not vres.extra["skipped"] and vres.processed
     assert labelled & {"00000/00000" + i[11:] for i in copies}  # the originals keep their labels
 
 

@@ -11,10 +11,12 @@ planted evaluation folder registered. Prints per size:
 * recall per planted kind (a copy of a pool original must be dropped; a copy of an
   evaluation photo must be dropped as ``eval_copy``) and false removal (pool originals
   dropped, over all pool originals: each is a genuinely different picture);
-* the calibration table: from the score stage's embeddings, the recall and the false
-  removal every near-duplicate threshold would give (a planted copy is found when its cosine
-  to its source reaches the threshold; an original is falsely removed when its cosine to
-  another original does);
+* the calibration tables: from the score stage's embeddings and perceptual hashes, the
+  recall and the false removal every near-duplicate threshold would give, by the features
+  alone (a planted copy is found when its cosine to its source reaches the threshold; an
+  original is falsely removed when its cosine to another original does) and with the hash
+  rule of the production settings (or else within ``phash_distance`` bits at cosine
+  ``phash_min_cosine``);
 * seconds of hygiene against seconds of score on the same corpus, and the growth exponent
   of the hygiene stage's time over the sizes.
 """
@@ -45,42 +47,59 @@ def _planted():
     return mod
 
 
-def _embeddings(run: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(glob.glob(os.path.join(run, "score", "embeddings", "*.parquet"))):
-        shard = os.path.basename(f).removesuffix(".parquet")
-        t = pq.read_table(f)
-        for k, e in zip(t["key"].to_pylist(), t["embedding"].to_pylist(), strict=True):
-            out[f"{shard}/{k}"] = np.asarray(e, np.float32)
-    for f in glob.glob(os.path.join(run, "score", "eval", "*.parquet")):
-        t = pq.read_table(f)
-        for name, e in zip(t["file"].to_pylist(), t["embedding"].to_pylist(), strict=True):
-            out[name] = np.asarray(e, np.float32)
-    return {k: v / max(np.linalg.norm(v), 1e-12) for k, v in out.items()}
+def _embeddings(run: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(id or eval file -> unit embedding, -> perceptual hash) of a run's scored images."""
+    out, hashes = {}, {}
+    files = [
+        (f, "key", os.path.basename(f).removesuffix(".parquet") + "/")
+        for f in sorted(glob.glob(os.path.join(run, "score", "embeddings", "*.parquet")))
+    ] + [(f, "file", "") for f in glob.glob(os.path.join(run, "score", "eval", "*.parquet"))]
+    for f, name, prefix in files:
+        t = pq.read_table(f).to_pydict()
+        for k, e, h in zip(t[name], t["embedding"], t["phash"], strict=True):
+            out[prefix + k] = np.asarray(e, np.float32)
+            hashes[prefix + k] = h
+    return {k: v / max(np.linalg.norm(v), 1e-12) for k, v in out.items()}, hashes
 
 
-def calibration(run: str, truth: dict) -> list[dict]:
-    """Recall per kind and false removal at each threshold, from the embeddings alone."""
-    emb = _embeddings(run)
-    cos_by_kind: dict[str, list[float]] = {}
+def calibration(run: str, truth: dict, rule: tuple[int, float] = (-1, 1.0)) -> list[dict]:
+    """Recall per kind and false removal at each threshold: a pair is a copy when its cosine
+    reaches the threshold, or it is within ``rule`` (hash bits, cosine); (-1, _): the
+    embeddings alone."""
+    from pipeline_tasks.stages.score.phash import hamming
+
+    emb, hashes = _embeddings(run)
+    max_bits, floor = rule
+
+    def by_hash(cos, bits):
+        return (np.asarray(bits) <= max_bits) & (np.asarray(cos) >= floor)
+
+    pairs_by_kind: dict[str, list[tuple[float, int]]] = {}
     for i, (kind, src) in truth["copies"].items():
         if i in emb and src in emb:
-            cos_by_kind.setdefault(kind, []).append(float(emb[i] @ emb[src]))
+            bits = int(hamming(hashes[i], hashes[src]))
+            pairs_by_kind.setdefault(kind, []).append((float(emb[i] @ emb[src]), bits))
     orig = [i for i in truth["originals"] if i in emb]
     x = np.stack([emb[i] for i in orig])
     sims = x @ x.T
+    h = np.asarray([hashes[i] for i in orig], np.int64)
+    hashed = by_hash(sims, hamming(h[:, None], h[None, :]))
     np.fill_diagonal(sims, -1.0)
+    np.fill_diagonal(hashed, False)
     nearest = sims.max(axis=1)  # each original's most similar other original
     rows = []
     for t in THRESHOLDS:
         row = {"threshold": t}
-        for kind, v in sorted(cos_by_kind.items()):
-            row[kind] = round(float(np.mean(np.asarray(v) >= t)), 3)
+        for kind, v in sorted(pairs_by_kind.items()):
+            cos, bits = np.asarray(v).T
+            row[kind] = round(float(np.mean((cos >= t) | by_hash(cos, bits))), 3)
         # a pair of originals above the threshold loses its larger id: count pairs' losers
-        ia, ib = np.nonzero(np.triu(sims >= t))
+        ia, ib = np.nonzero(np.triu((sims >= t) | hashed))
         lost = {max(orig[a], orig[b]) for a, b in zip(ia, ib, strict=True)}
         row["false_removal"] = round(len(lost) / len(orig), 4)
-        row["originals_with_a_neighbour"] = round(float(np.mean(nearest >= t)), 4)
+        row["originals_with_a_neighbour"] = round(
+            float(np.mean((nearest >= t) | hashed.any(axis=1))), 4
+        )
         rows.append(row)
     return rows
 
@@ -141,19 +160,24 @@ def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None
     hres = run_hygiene(hc, score_c, run, progress=False)
     secs["hygiene"] = time.time() - t0
     nsfw_s = float(sres.extra.get("nsfw_seconds", 0.0))
-    score_alone = secs["score"] - nsfw_s  # the score stage as it runs without NSFW
+    phash_s = float(sres.extra.get("phash_seconds", 0.0))
+    score_alone = secs["score"] - nsfw_s - phash_s  # the score stage without hygiene's parts
     res = {
         "photos": n,
         "pool_images": int(hres.extra["images_in"]),
         "seconds": {k: round(v, 1) for k, v in secs.items()},
         "nsfw_seconds_in_score": round(nsfw_s, 1),
+        "phash_seconds_in_score": round(phash_s, 2),
         "spark_over_score": round(secs["hygiene"] / score_alone, 3),
         "nsfw_over_score": round(nsfw_s / score_alone, 3),
-        "hygiene_over_score": round((secs["hygiene"] + nsfw_s) / score_alone, 3),
+        "phash_over_score": round(phash_s / score_alone, 4),
+        "hygiene_over_score": round((secs["hygiene"] + nsfw_s + phash_s) / score_alone, 3),
         "pairs_compared": hres.extra.get("pairs_compared"),
+        "job_phase_seconds": hres.extra.get("phase_seconds"),
         "settings": hres.extra.get("settings"),
         **score_drops(run, truth),
         "calibration": calibration(run, truth),
+        "calibration_with_hash": calibration(run, truth, (hc.phash_distance, hc.phash_min_cosine)),
     }
     return res, RunLayout(run).scorer_checkpoint
 
@@ -166,15 +190,20 @@ def print_size(r: dict) -> None:
               f"{k['wrong_match']:>12}")  # fmt: skip
     print(f"false removal: {r['originals_dropped']} of {r['originals']} originals "
           f"= {r['false_removal']:.4f}; drops by reason {r['reasons']}")  # fmt: skip
-    print(f"seconds {r['seconds']} (NSFW inside score: {r['nsfw_seconds_in_score']} s); over "
-          f"the score stage without NSFW: Spark job {r['spark_over_score']}, NSFW "
-          f"{r['nsfw_over_score']}, both {r['hygiene_over_score']}")  # fmt: skip
-    cols = [k for k in r["calibration"][0] if k != "threshold"]
-    print(
-        "calibration (from the embeddings):\n" + "thr   " + " ".join(f"{c[:12]:>12}" for c in cols)
-    )
-    for row in r["calibration"]:
-        print(f"{row['threshold']:.2f}  " + " ".join(f"{row[c]:>12}" for c in cols))
+    print(f"seconds {r['seconds']} (inside score: NSFW {r['nsfw_seconds_in_score']} s, pHash "
+          f"{r['phash_seconds_in_score']} s); over the score stage without them: Spark job "
+          f"{r['spark_over_score']}, NSFW {r['nsfw_over_score']}, pHash "
+          f"{r['phash_over_score']}, all {r['hygiene_over_score']}")  # fmt: skip
+    print(f"inside the Spark job (s): {r['job_phase_seconds']}")
+    rule = r["settings"]["phash_distance"], r["settings"]["phash_min_cosine"]
+    for name, title in (
+        ("calibration", "by the features alone"),
+        ("calibration_with_hash", f"or within {rule[0]} hash bits at cosine >= {rule[1]}"),
+    ):
+        cols = [k for k in r[name][0] if k != "threshold"]
+        print(f"calibration ({title}):\nthr   " + " ".join(f"{c[:12]:>12}" for c in cols))
+        for row in r[name]:
+            print(f"{row['threshold']:.2f}  " + " ".join(f"{row[c]:>12}" for c in cols))
 
 
 def main() -> int:

@@ -1,18 +1,24 @@
 """spark-submit entry point of `mofi hygiene` (see ``stage``). Usage: job.py SPEC.json
 
-Every scored image (its visual embedding, content hash and NSFW score from the score stage)
-and every registered evaluation image (embedded by the same scorer) go through, in order:
+Every scored image (its visual embedding, content hash, perceptual hash and NSFW score from
+the score stage) and every registered evaluation image (embedded and hashed by the same
+scorer) go through, in order:
 
 1. ``nsfw``: the NSFW score at or above the threshold;
-2. ``eval_copy``: the same bytes as an evaluation image, or an embedding within
-   ``eval_threshold`` of one (found through the LSH buckets below);
+2. ``eval_copy``: the same bytes as an evaluation image, or a copy of one (below, at
+   ``eval_threshold``; found through the LSH buckets);
 3. ``exact_duplicate``: the same content hash as an image with a smaller (shard, key);
-4. ``near_duplicate``: connected to a smaller (shard, key) by pairs of cosine at or above
+4. ``near_duplicate``: connected to a smaller (shard, key) by copy pairs at
    ``near_threshold`` (components by label propagation; the smallest keeps).
 
-Candidate pairs come from random-hyperplane LSH (``lsh``): each image falls in one bucket
-per table, pairs are compared exactly only inside a bucket (a bucket larger than
-``max_bucket`` compares its members to its first ``max_bucket`` ones only). The job writes
+A pair is a copy at threshold ``t`` when its cosine reaches ``t``, or when its perceptual
+hashes differ in at most ``phash_distance`` bits and its cosine reaches
+``phash_min_cosine`` (a resize blurs the features more than it moves the hash). Candidate
+pairs come from two kinds of bucket (``lsh``): random-hyperplane tables over the embeddings
+(each image in one bucket per table) and ``phash_distance + 1`` runs of the hash's bits
+(every pair within the distance shares one). Pairs are compared exactly only inside a
+bucket (a bucket larger than ``max_bucket`` compares its members to its first
+``max_bucket`` ones only). The job writes
 ``RUN/hygiene/dropped.parquet`` (shard, key, reason, matched, score) and the stage's marker
 with the drops by reason.
 """
@@ -29,15 +35,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-IMAGE_SCHEMA = "shard string, key string, embedding array<float>, sha256 string, nsfw float"
-EDGE_SCHEMA = "a string, b string, cos float"
-DROP_SCHEMA = "id string, reason string, matched string, score float"
+IMAGE_SCHEMA = (
+    "shard string, key string, embedding array<float>, sha256 string, nsfw float, phash long"
+)
+EDGE_SCHEMA = "a string, b string, cos float, ham int"
+DROP_SCHEMA = "id string, reason string, matched string, score float, phash_distance int"
+NO_HASH = 99  # the distance of a pair when either image has no perceptual hash
 EVAL_PREFIX = "\x00eval/"  # sorts before every pool id; never a shard name
 
 
 def read_images(batches):
-    """Each (shard, uri) row's embeddings file: key, embedding, sha256 and nsfw (null when
-    the score stage did not compute them), as Arrow batches (``mapInArrow``: the embeddings
+    """Each (shard, uri) row's embeddings file: key, embedding, sha256, nsfw and phash (null
+    when the score stage did not compute them), as Arrow batches (``mapInArrow``: the embeddings
     are never Python lists)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -57,7 +66,8 @@ def read_images(batches):
                 "key": t.column("key").combine_chunks(),
                 "embedding": t.column("embedding").cast(pa.list_(pa.float32())).combine_chunks(),
             }
-            for name, typ in (("sha256", pa.string()), ("nsfw", pa.float32())):
+            for name, typ in (("sha256", pa.string()), ("nsfw", pa.float32()),
+                              ("phash", pa.int64())):  # fmt: skip
                 cols[name] = (  # null, never NaN, when missing: Spark orders NaN highest
                     t.column(name).cast(typ).combine_chunks()
                     if name in t.column_names
@@ -73,10 +83,12 @@ def _matrix(col) -> np.ndarray:
     return flat.reshape(n, -1) if n else flat.reshape(0, 1)
 
 
-def bucket_rows(hyperplanes: np.ndarray, tables: int, batches):
+def bucket_rows(hyperplanes: np.ndarray, tables: int, bands: int, batches):
     """One row per (image, table): the image's bucket key in that table (ids only: the
-    embeddings join back for the buckets that hold two or more images). Arrow batches in
-    and out (``mapInArrow``)."""
+    embeddings join back for the buckets that hold two or more images). Tables
+    ``0 .. tables-1`` are the embedding's hyperplane tables, ``tables .. tables+bands-1``
+    the runs of its perceptual hash (none when ``bands`` is 0 or the image has no hash).
+    Arrow batches in and out (``mapInArrow``)."""
     import pyarrow as pa
 
     from pipeline_tasks.stages.hygiene import lsh
@@ -88,22 +100,42 @@ def bucket_rows(hyperplanes: np.ndarray, tables: int, batches):
         emb = lsh.normalize(_matrix(rb.column("embedding")))
         k = lsh.keys(emb, hyperplanes, tables)  # (n, tables)
         ids = np.asarray(rb.column("id").to_pylist(), dtype=object)
+        tbl = [np.tile(np.arange(tables, dtype=np.int32), n)]
+        bkey, rid = [k.reshape(-1)], [np.repeat(ids, tables)]
+        ph = rb.column("phash")
+        if bands and ph.null_count < n:
+            has = ~np.asarray(ph.is_null().to_numpy(zero_copy_only=False), bool)
+            hk = lsh.band_keys(ph.filter(pa.array(has)).to_numpy(), bands)  # (m, bands)
+            tbl.append(np.tile(np.arange(tables, tables + bands, dtype=np.int32), len(hk)))
+            bkey.append(hk.reshape(-1))
+            rid.append(np.repeat(ids[has], bands))
         yield pa.RecordBatch.from_pydict(
             {
-                "tbl": pa.array(np.tile(np.arange(tables, dtype=np.int32), n)),
-                "bkey": pa.array(k.reshape(-1)),
-                "id": pa.array(np.repeat(ids, tables), pa.string()),
+                "tbl": pa.array(np.concatenate(tbl)),
+                "bkey": pa.array(np.concatenate(bkey)),
+                "id": pa.array(np.concatenate(rid), pa.string()),
             }
         )
 
 
-def bucket_pairs(min_cos: float, max_bucket: int, pdf: pd.DataFrame) -> pd.DataFrame:
-    """The pairs at cosine >= ``min_cos`` inside each bucket (tbl, bkey) of ``pdf`` (an
-    ``applyInPandas`` group holding many buckets), each as (smaller id, larger id); a bucket
-    over ``max_bucket`` compares everything with its first ``max_bucket`` members only."""
-    from pipeline_tasks.stages.hygiene import lsh
+def copy_rule(c: dict) -> tuple[int, float]:
+    """(phash_distance, phash_min_cosine); distance -1: by the cosine alone."""
+    return int(c.get("phash_distance", -1)), float(c.get("phash_min_cosine", 1.0))
 
-    out_a, out_b, out_c = [], [], []
+
+def bucket_pairs(
+    min_cos: float, max_bucket: int, rule: tuple[int, float], pdf: pd.DataFrame
+) -> pd.DataFrame:
+    """The copy pairs inside each bucket (tbl, bkey) of ``pdf`` (an ``applyInPandas`` group
+    holding many buckets: id, embedding, ph, has_ph): cosine >= ``min_cos``, or within
+    ``rule`` (hash bits, cosine); each as (smaller id, larger id, cosine, hash bits). A
+    bucket over ``max_bucket`` compares everything with its first ``max_bucket`` members
+    only."""
+    from pipeline_tasks.stages.hygiene import lsh
+    from pipeline_tasks.stages.score.phash import hamming
+
+    max_bits, floor = rule
+    out_a, out_b, out_c, out_h = [], [], [], []
     for _, g in pdf.groupby(["tbl", "bkey"], sort=False):
         if len(g) < 2:
             continue
@@ -111,50 +143,84 @@ def bucket_pairs(min_cos: float, max_bucket: int, pdf: pd.DataFrame) -> pd.DataF
         ids = g["id"].to_numpy()
         x = lsh.normalize(np.stack(g["embedding"].to_numpy()))
         sims = x[:max_bucket] @ x.T  # (leaders, all)
-        i, j = np.nonzero(sims >= min_cos)
+        ph, has = g["ph"].to_numpy(np.int64), g["has_ph"].to_numpy(bool)
+        ham = np.where(
+            has[:max_bucket, None] & has[None, :],
+            hamming(ph[:max_bucket, None], ph[None, :]),
+            NO_HASH,
+        )
+        hit = (sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))
+        i, j = np.nonzero(hit)
         keep = i < j  # each pair once, leaders against later members
         i, j = i[keep], j[keep]
         out_a.append(ids[i])
         out_b.append(ids[j])
         out_c.append(sims[i, j].astype(np.float32))
+        out_h.append(ham[i, j].astype(np.int32))
     if not out_a:
         none = np.array([], dtype=object)
-        return pd.DataFrame({"a": none, "b": none, "cos": np.array([], np.float32)})
+        return pd.DataFrame(
+            {"a": none, "b": none, "cos": np.array([], np.float32), "ham": np.array([], np.int32)}
+        )
     return pd.DataFrame(
-        {"a": np.concatenate(out_a), "b": np.concatenate(out_b), "cos": np.concatenate(out_c)}
+        {
+            "a": np.concatenate(out_a),
+            "b": np.concatenate(out_b),
+            "cos": np.concatenate(out_c),
+            "ham": np.concatenate(out_h),
+        }
     )
 
 
 def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_groups: int):
-    """(a, b, cos) of every pair that shares an LSH bucket and reaches ``thr``. Only bucket
-    keys travel through the first shuffle; the embeddings join back for the buckets that
-    hold two or more images, which are compared in ``n_groups`` groups of many buckets (one
-    Python call per group, not per bucket)."""
+    """(a, b, cos, ham) of every copy pair (``bucket_pairs``) that shares a bucket. Only
+    bucket keys travel through the first shuffle; the embeddings join back for the buckets
+    that hold two or more images, which are compared in ``n_groups`` groups of many buckets
+    (one Python call per group, not per bucket)."""
     from pyspark.sql import functions as F
 
     tables = int(c["lsh_tables"])
-    keyed = members.select("id", "embedding").mapInArrow(
-        partial(bucket_rows, hyperplanes, tables), "tbl int, bkey long, id string"
+    rule = copy_rule(c)
+    keyed = members.select("id", "embedding", "phash").mapInArrow(
+        partial(bucket_rows, hyperplanes, tables, rule[0] + 1 if rule[0] >= 0 else 0),
+        "tbl int, bkey long, id string",
     )
     shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
+    emb = members.select(
+        "id",
+        "embedding",
+        F.coalesce("phash", F.lit(0).cast("long")).alias("ph"),  # no nulls: int64 in pandas
+        F.col("phash").isNotNull().alias("has_ph"),
+    )
     rows = (
         keyed.join(shared, ["tbl", "bkey"])
-        .join(members.select("id", "embedding"), "id")
+        .join(emb, "id")
         .withColumn("part", F.pmod(F.xxhash64("tbl", "bkey"), F.lit(n_groups)))
     )
     return (
         rows.groupBy("part")
-        .applyInPandas(_pairs_at(thr, int(c["max_bucket"])), EDGE_SCHEMA)
+        .applyInPandas(_pairs_at(thr, int(c["max_bucket"]), rule), EDGE_SCHEMA)
         .groupBy("a", "b")
-        .agg(F.max("cos").alias("cos"))
+        .agg(F.max("cos").alias("cos"), F.min("ham").alias("ham"))
     )
 
 
-def _pairs_at(min_cos: float, max_bucket: int):
+def _pairs_at(min_cos: float, max_bucket: int, rule: tuple[int, float]):
     def pairs(pdf: pd.DataFrame) -> pd.DataFrame:  # a function, as applyInPandas expects
-        return bucket_pairs(min_cos, max_bucket, pdf)
+        return bucket_pairs(min_cos, max_bucket, rule, pdf)
 
     return pairs
+
+
+def is_copy(c: dict, threshold: float):
+    """The Spark condition on an edge (cos, ham): a copy at ``threshold``."""
+    from pyspark.sql import functions as F
+
+    cond = F.col("cos") >= F.lit(float(threshold))
+    max_bits, floor = copy_rule(c)
+    if max_bits >= 0:
+        cond = cond | ((F.col("ham") <= F.lit(max_bits)) & (F.col("cos") >= F.lit(floor)))
+    return cond
 
 
 def components(spark, edges, max_rounds: int = 50):
@@ -186,6 +252,9 @@ def components(spark, edges, max_rounds: int = 50):
 
 
 def _cosine_to(rows: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """A near duplicate's drop row: its cosine and hash bits to the image that keeps."""
+    from pipeline_tasks.stages.score.phash import hamming
+
     for pdf in rows:
         if not len(pdf):
             continue
@@ -193,12 +262,15 @@ def _cosine_to(rows: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         b = np.stack(pdf["m_embedding"].to_numpy())
         a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
         b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        has = pdf["has_ph"].to_numpy(bool) & pdf["m_has_ph"].to_numpy(bool)
+        ham = hamming(pdf["ph"].to_numpy(np.int64), pdf["m_ph"].to_numpy(np.int64))
         yield pd.DataFrame(
             {
                 "id": pdf["id"],
                 "reason": "near_duplicate",
                 "matched": pdf["matched"],
                 "score": (a * b).sum(axis=1).astype(np.float32),
+                "phash_distance": pd.Series(ham, index=pdf.index, dtype="Int32").mask(~has),
             }
         )
 
@@ -210,8 +282,11 @@ def _eval_file(col):
     return F.substring(col, len(EVAL_PREFIX) + 1, 1 << 30)
 
 
-def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray, n_images: int):
-    """(drops: id, reason, matched, score; pairs compared in buckets)."""
+def find_drops(
+    spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray, n_images: int, secs: dict
+):
+    """(drops: id, reason, matched, score, phash_distance; copy pairs found in buckets);
+    ``secs["pairs"]``: the seconds the pairs took."""
     from pyspark.sql import functions as F
 
     drops = []
@@ -221,7 +296,7 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         drops.append(
             bad.select(
                 "id", F.lit("nsfw").alias("reason"), F.lit(None).cast("string").alias("matched"),
-                F.col("nsfw").alias("score"),
+                F.col("nsfw").alias("score"), F.lit(None).cast("int").alias("phash_distance"),
             )
         )  # fmt: skip
         live = live.join(bad.select("id"), "id", "left_anti")
@@ -232,14 +307,15 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         )
         same = same.groupBy("id").agg(F.min("matched").alias("matched"))
         drops.append(same.select("id", F.lit("eval_copy").alias("reason"), "matched",
-                                 F.lit(1.0).cast("float").alias("score")))  # fmt: skip
+                                 F.lit(1.0).cast("float").alias("score"),
+                                 F.lit(0).alias("phash_distance")))  # fmt: skip
         live = live.join(same.select("id"), "id", "left_anti")
     n_pairs = 0
     edges = None
     if near_on or eval_on:
-        members = live.select("id", "embedding")
+        members = live.select("id", "embedding", "phash")
         if eval_on:
-            members = members.unionByName(evals.select("id", "embedding"))
+            members = members.unionByName(evals.select("id", "embedding", "phash"))
         thr = min(
             float(c["near_threshold"]) if near_on else 1.0,
             float(c["eval_threshold"]) if eval_on else 1.0,
@@ -247,20 +323,23 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         # groups of at most ~100,000 (image, table) rows, at least two per core
         n_rows = n_images * int(c["lsh_tables"])
         n_groups = max(2 * spark.sparkContext.defaultParallelism, n_rows // 100_000 + 1)
+        t0 = time.time()
         edges = candidate_pairs(members, hyperplanes, c, thr, n_groups).localCheckpoint()
         n_pairs = edges.count()
+        secs["pairs"] = time.time() - t0
     if eval_on:  # near copies of evaluation images (eval ids sort first: always in "a")
         hits = edges.filter(
             F.col("a").startswith(EVAL_PREFIX) & ~F.col("b").startswith(EVAL_PREFIX)
-            & (F.col("cos") >= F.lit(float(c["eval_threshold"])))
+            & is_copy(c, c["eval_threshold"])
         )  # fmt: skip
         best = hits.groupBy(F.col("b").alias("id")).agg(
-            F.max(F.struct("cos", F.col("a"))).alias("m")
+            F.max(F.struct("cos", F.col("a"), F.col("ham"))).alias("m")
         )
         copies = best.select(
             "id", F.lit("eval_copy").alias("reason"),
             _eval_file(F.col("m.a")).alias("matched"),
             F.col("m.cos").alias("score"),
+            F.when(F.col("m.ham") < NO_HASH, F.col("m.ham")).alias("phash_distance"),
         )  # fmt: skip
         drops.append(copies)
         live = live.join(copies.select("id"), "id", "left_anti")
@@ -272,22 +351,26 @@ def find_drops(spark, c: dict[str, Any], images, evals, hyperplanes: np.ndarray,
         )
         dup = live.join(w, "sha256").filter(F.col("id") != F.col("matched"))
         drops.append(dup.select("id", F.lit("exact_duplicate").alias("reason"), "matched",
-                                F.lit(1.0).cast("float").alias("score")))  # fmt: skip
+                                F.lit(1.0).cast("float").alias("score"),
+                                F.when(F.col("phash").isNotNull(), F.lit(0))
+                                .alias("phash_distance")))  # fmt: skip
         live = live.join(dup.select("id"), "id", "left_anti")
     if near_on:
         ids = live.select("id")
         pool = (
-            edges.filter(F.col("cos") >= F.lit(float(c["near_threshold"])))
+            edges.filter(is_copy(c, c["near_threshold"]))
             .join(ids.withColumnRenamed("id", "a"), "a")
             .join(ids.withColumnRenamed("id", "b"), "b")
         )
         labels = components(spark, pool)
         dup = labels.filter(F.col("id") != F.col("label")).withColumnRenamed("label", "matched")
-        emb = live.select("id", "embedding")
-        withm = dup.join(emb, "id").join(
-            emb.withColumnRenamed("id", "matched").withColumnRenamed("embedding", "m_embedding"),
-            "matched",
-        )
+        emb = live.select(
+            "id", "embedding",
+            F.coalesce("phash", F.lit(0).cast("long")).alias("ph"),
+            F.col("phash").isNotNull().alias("has_ph"),
+        )  # fmt: skip
+        m_emb = emb.select([F.col(x).alias("m_" + x) for x in emb.columns])
+        withm = dup.join(emb, "id").join(m_emb.withColumnRenamed("m_id", "matched"), "matched")
         drops.append(withm.mapInPandas(_cosine_to, DROP_SCHEMA))
     out = drops[0]
     for d in drops[1:]:
@@ -312,6 +395,7 @@ def main(spec_path: str) -> int:
     c = spec["config"]
     t0 = time.time()
     spark = SparkSession.builder.appName("mofi-hygiene").getOrCreate()
+    t_start = time.time()
     spark.sparkContext.setLogLevel("WARN")
     layout = RunLayout(spec["run_uri"])
     store = layout.store(STAGE)
@@ -327,6 +411,7 @@ def main(spec_path: str) -> int:
         .localCheckpoint()
     )
     n_in = images.count()
+    secs = {"start": t_start - t0, "read": time.time() - t_start}
     evals = None
     if spec.get("eval_file"):
         with storage.open_read(spec["eval_file"]) as f:
@@ -334,18 +419,22 @@ def main(spec_path: str) -> int:
         if len(et):
             et["id"] = EVAL_PREFIX + et["file"]
             evals = spark.createDataFrame(
-                et[["id", "embedding", "sha256"]],
-                "id string, embedding array<float>, sha256 string",
+                et[["id", "embedding", "sha256", "phash"]],
+                "id string, embedding array<float>, sha256 string, phash long",
             )
     dim = len(images.select("embedding").first()["embedding"]) if n_in else 1
     planes = lsh.planes(dim, int(c["lsh_bits"]), int(c["lsh_tables"]), int(c["seed"]))
-    drops, n_pairs = find_drops(spark, c, images, evals, planes, int(n_in))
+    t1 = time.time()
+    drops, n_pairs = find_drops(spark, c, images, evals, planes, int(n_in), secs)
+    secs["groups"] = time.time() - t1 - secs.get("pairs", 0.0)  # components, the rest
+    t1 = time.time()
     dropped = (
         drops.join(images.select("id", "shard", "key"), "id")
-        .select("shard", "key", "reason", "matched", "score")
+        .select("shard", "key", "reason", "matched", "score", "phash_distance")
         .orderBy("shard", "key")
         .toPandas()
     )
+    secs["collect"] = time.time() - t1
     table = pa.Table.from_pandas(dropped, schema=DROPPED_SCHEMA, preserve_index=False)
     uri = layout.hygiene_dropped
     with storage.open_write(uri) as f:
@@ -360,6 +449,8 @@ def main(spec_path: str) -> int:
         "images_kept": int(n_in - len(dropped)),
         "eval_images": int(evals.count()) if evals is not None else 0,
         "pairs_compared": int(n_pairs),
+        # where the job's time went (JVM and session start, reading, pairs, groups, collect)
+        "phase_seconds": {k: round(v, 2) for k, v in secs.items()},
         "settings": spec["settings"],
     }
     markers.record_outputs(st, store.root, [uri])

@@ -59,3 +59,21 @@ def normalize(emb: np.ndarray) -> np.ndarray:
     emb = np.asarray(emb, np.float32)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     return emb / np.maximum(norms, 1e-12)
+
+
+def band_keys(hashes: np.ndarray, bands: int) -> np.ndarray:
+    """(n, bands) int64: the 64-bit hashes cut into ``bands`` disjoint runs of bits.
+
+    Multi-index hashing (Norouzi et al. 2012): two hashes that differ in fewer than
+    ``bands`` bits agree exactly on at least one run (pigeonhole), so bucketing by each
+    run finds every pair within ``bands - 1`` bits, with certainty."""
+    if not 1 <= bands <= 32:
+        raise ValueError("bands must be in [1, 32]")
+    u = np.asarray(hashes, np.int64).view(np.uint64)
+    edges = [b * 64 // bands for b in range(bands + 1)]
+    out = np.empty((len(u), bands), np.int64)
+    for b in range(bands):
+        width = edges[b + 1] - edges[b]
+        mask = np.uint64((1 << width) - 1)
+        out[:, b] = ((u >> np.uint64(edges[b])) & mask).astype(np.int64)
+    return out

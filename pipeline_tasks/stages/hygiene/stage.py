@@ -2,13 +2,14 @@
 
 Runs between score and vocab, on what scoring kept for every scored image: its visual
 embedding, its content hash (img2dataset's ``sha256`` column when the raw parquet has it,
-else computed from the bytes the score stage read) and, when enabled, its NSFW score. The
-registered evaluation folders (``eval_folders``: the GPR1200-layout folders `mofi eval`
-reads) are embedded once by the same scorer. The Spark job (``job.py``) groups globally and
-writes
+else computed from the bytes the score stage read), its perceptual hash (``score.phash``)
+and, when enabled, its NSFW score. The registered evaluation folders (``eval_folders``: the
+GPR1200-layout folders `mofi eval` reads) are embedded and hashed once by the same scorer.
+The Spark job (``job.py``) groups globally and writes
 
 * ``RUN/hygiene/dropped.parquet``: shard, key, reason, matched (the kept key or the eval
-  file it copies), score (cosine, or the NSFW score): what was dropped and why;
+  file it copies), score (cosine, or the NSFW score), phash_distance (bits between the
+  two perceptual hashes; null when either has none): what was dropped and why;
 * the stage's marker, with every drop counted by reason (``mofi status``, the dashboard and
   ``/metrics`` show them) and the settings that made them.
 
@@ -42,10 +43,16 @@ DROPPED_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("matched", pa.string()),
         ("score", pa.float32()),
+        ("phash_distance", pa.int32()),
     ]
 )
 EVAL_SCHEMA = pa.schema(
-    [("file", pa.string()), ("embedding", pa.list_(pa.float32())), ("sha256", pa.string())]
+    [
+        ("file", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("sha256", pa.string()),
+        ("phash", pa.int64()),
+    ]
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -62,6 +69,15 @@ class HygieneConfig(cfg.StageConfig):
         0.90,
         "cosine of the scorer's visual features at or above which two images are copies "
         "(calibrated on planted copies: README, Hygiene)",
+    )
+    phash_distance: int = cfg.field(
+        4,
+        "two images are also copies when their perceptual hashes differ in at most this many "
+        "of 64 bits and their features reach phash_min_cosine (resizes, re-encodes: "
+        "README, Hygiene); -1: by features alone",
+    )
+    phash_min_cosine: float = cfg.field(
+        0.5, "the cosine that a pair within phash_distance must also reach to be copies"
     )
     decontaminate: bool = cfg.field(
         True, "drop copies of the images in eval_folders (bytes or embedding)"
@@ -87,6 +103,8 @@ class HygieneConfig(cfg.StageConfig):
     def validate(self) -> None:
         for name in ("near_threshold", "eval_threshold"):
             self._check(0.0 < getattr(self, name) <= 1.0, name, "a cosine in (0, 1]")
+        self._check(-1 <= self.phash_distance <= 15, "phash_distance", "in [-1, 15]")
+        self._check(-1.0 <= self.phash_min_cosine <= 1.0, "phash_min_cosine", "in [-1, 1]")
         self._check(0.0 < self.nsfw_threshold <= 1.0, "nsfw_threshold", "in (0, 1]")
         self._check(1 <= self.lsh_bits <= 63, "lsh_bits", "in [1, 63]")
         self._check(0.5 <= self.lsh_recall < 1.0, "lsh_recall", "in [0.5, 1)")
@@ -130,13 +148,33 @@ def run_hygiene(
         return _run_hygiene(config, score_config, layout, progress)
 
 
+# what makes the pool's embeddings, hashes and NSFW scores: taken from the run's score stage
+SCORED_WITH = ("backend", "model", "max_pixels", "precision", "nsfw")
+
+
+def scored_with(score_config, layout: RunLayout):
+    """``score_config`` with the fields that made the pool's embeddings as the run's score
+    stage saved them (a DAG's ``score_model`` override, say): the evaluation images must be
+    embedded by the same scorer, and the NSFW filter needs the scores to exist. Devices and
+    batch sizes stay the caller's."""
+    from ..score.config import ScoreConfig
+
+    saved = storage.join(layout.stage_dir(SCORE), ScoreConfig.file_name())
+    if not storage.exists(saved):
+        return score_config
+    ran = ScoreConfig.load(saved)
+    return score_config.replace(**{k: getattr(ran, k) for k in SCORED_WITH})
+
+
 def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progress) -> StageResult:
     from ..score.eval_embed import embed_eval_images
 
+    score_config = scored_with(score_config, layout)
     if config.nsfw and not score_config.nsfw:
         raise cfg.ConfigError(
             "hygiene.nsfw filters by the NSFW score that the score stage computes only with "
-            "score.nsfw on: turn both on (and score again), or hygiene.nsfw off"
+            "score.nsfw on, and this run was scored without it: turn both on (and score "
+            "again), or hygiene.nsfw off"
         )
 
     done = completed_shards(layout.store(SCORE), "score")

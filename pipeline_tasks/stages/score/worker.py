@@ -31,6 +31,7 @@ from .config import ScoreConfig
 from .device_decode import DeviceDecoder
 from .embeddings import read_entity_matrix
 from .images import ShardStream, merge_parts
+from .phash import phash
 
 log = logging.getLogger(__name__)
 SCORE_SCHEMA = pa.schema(
@@ -70,7 +71,7 @@ class _Loop:
     device_drops: dict[str, Counter] = dataclasses.field(default_factory=dict)
     failed: set[str] = dataclasses.field(default_factory=set)
     buffers: dict[str, list[tuple[str, str, float]]] = dataclasses.field(default_factory=dict)
-    # shard -> (key, visual features)
+    # shard -> (key, visual features, sha256, NSFW score, pHash)
     embeddings: dict[str, list[tuple[str, Any]]] = dataclasses.field(default_factory=dict)
     started: dict[str, float] = dataclasses.field(default_factory=dict)
     t_decode: float = 0.0
@@ -79,6 +80,7 @@ class _Loop:
     n_img: int = 0
     t_ref: float = 0.0
     t_nsfw: float = 0.0
+    t_phash: float = 0.0
     n_ref: int = 0
     n_batches: int = 0
     t_first: float | None = None
@@ -263,8 +265,11 @@ class ScoreStage(ShardStage):
             st.t_nsfw += time.perf_counter() - t0
         else:
             unsafe = [None] * n_real
+        t0 = time.perf_counter()
+        copy_hash = phash(x[:n_real]).tolist()  # the hygiene stage's copy descriptor
+        st.t_phash += time.perf_counter() - t0
         st.embeddings.setdefault(sid, []).extend(
-            zip(keys, visual.cpu().numpy(), hashes, unsafe, strict=True)
+            zip(keys, visual.cpu().numpy(), hashes, unsafe, copy_hash, strict=True)
         )
         st.n_batches += 1
         if self.reference_every and st.n_batches % self.reference_every == 0:
@@ -315,6 +320,7 @@ class ScoreStage(ShardStage):
             "wait_s": st.t_wait,
             "reference_s": st.t_ref,
             "nsfw_s": st.t_nsfw,
+            "phash_s": st.t_phash,
             "reference_images": st.n_ref,
             "decode": decode,
             "device_decode_s": st.t_decode,
@@ -337,6 +343,7 @@ class ScoreStage(ShardStage):
                         "embedding": pa.array([r[1].tolist() for r in embs], EMBEDDING_TYPE),
                         "sha256": pa.array([r[2] or None for r in embs], pa.string()),
                         "nsfw": pa.array([r[3] for r in embs], pa.float32()),
+                        "phash": pa.array([r[4] for r in embs], pa.int64()),
                     }
                 ),
                 f,
@@ -377,6 +384,7 @@ class ScoreStage(ShardStage):
             ),
             "model_seconds": round(sum(r["model_s"] for r in reports), 2),
             "nsfw_seconds": round(sum(r.get("nsfw_s", 0.0) for r in reports), 2),
+            "phash_seconds": round(sum(r.get("phash_s", 0.0) for r in reports), 2),
             "worker_peak_rss_bytes": max(r["peak_rss_bytes"] for r in reports),
             "loader_wait_seconds": round(sum(r["wait_s"] for r in reports), 2),
             "devices": [r["device"] for r in reports],

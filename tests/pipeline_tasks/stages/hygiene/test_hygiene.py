@@ -22,6 +22,7 @@ from pipeline_tasks.stages.hygiene import stage as hygiene
 from pipeline_tasks.stages.ner.stage import run_ner
 from pipeline_tasks.stages.score import stage as score
 from pipeline_tasks.stages.score.nsfw import NsfwScorer
+from pipeline_tasks.stages.score.phash import hamming, phash
 from pipeline_tasks.stages.vocab import stage as vocab
 from training.core.config import ConfigError
 
@@ -46,6 +47,11 @@ def _embedded(run: str) -> dict[str, dict]:
         for r in pq.read_table(os.path.join(folder, f)).to_pylist():
             out[f"{shard}/{r['key']}"] = r
     return out
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def _worker_batch(c, run: str, raw: str, image_id: str):
@@ -83,6 +89,7 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     i0 = sorted(emb)[0]
     batch = _worker_batch(c.score, str(run), str(new_raw), i0)
     assert emb[i0]["nsfw"] == pytest.approx(float(NsfwScorer()(batch)[0]), abs=1e-4)
+    assert emb[i0]["phash"] == int(phash(batch)[0])  # and its hash the hash of that batch
     # the most unsafe-looking picture (the threshold set at its score) goes for that reason
     top = max(emb, key=lambda i: (emb[i]["nsfw"], i))
     # the score stage kept each image's content hash: equal bytes, equal hash
@@ -93,17 +100,23 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
             assert r["sha256"] == hashlib.sha256(tars[shard][key]).hexdigest()
     copies = {i for i in emb if i.startswith("00014/") and "00000/00000" + i[11:] in emb}
     assert len(copies) >= 8
-    # two evaluation images: one the bytes of a pool image, one a re-encoded 90 % crop of
-    # another pool image (both from shard 00001)
+    # three evaluation images: the bytes of a pool image, a re-encoded 90 % crop of another
+    # and a 40 % resize of a third (all from shard 00001)
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    k1, k2 = sorted(k for k in tars["00001"] if f"00001/{k}" in emb and f"00001/{k}" != top)[:2]
+    k1, k2, k3 = sorted(k for k in tars["00001"] if f"00001/{k}" in emb and f"00001/{k}" != top)[:3]
     (eval_dir / "exact_0.jpg").write_bytes(tars["00001"][k1])
     im = Image.open(io.BytesIO(tars["00001"][k2])).convert("RGB")
     w, h = im.size
     buf = io.BytesIO()
     im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(buf, "JPEG", quality=80)
     (eval_dir / "crop_0.jpg").write_bytes(buf.getvalue())
+    im = Image.open(io.BytesIO(tars["00001"][k3])).convert("RGB")
+    buf = io.BytesIO()
+    im.resize((round(im.width * 0.4), round(im.height * 0.4)), Image.BILINEAR).save(
+        buf, "JPEG", quality=75
+    )
+    (eval_dir / "resize_0.jpg").write_bytes(buf.getvalue())
     (eval_dir / "notes.txt").write_text("not an image")
 
     c = c.hygiene.replace(
@@ -116,9 +129,14 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
         nsfw=True,
         nsfw_threshold=emb[top]["nsfw"],
     )
-    with pytest.raises(ConfigError, match="score.nsfw"):  # no NSFW score to filter by
-        hygiene.run_hygiene(c, built["config"].score, str(run), progress=False)
-    res = hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(run), False)
+    # a run scored without NSFW has no score to filter by, whatever the caller's config says
+    unscored = tmp_path / "unscored"
+    shutil.copytree(os.path.join(built["run"], "score"), unscored / "score")
+    with pytest.raises(ConfigError, match="score.nsfw"):
+        hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(unscored), False)
+    # the scorer that embedded the pool embeds the evaluation images (whatever the caller's)
+    other = built["config"].score.replace(backend="open_clip", model="ViT-B-32:nowhere")
+    res = hygiene.run_hygiene(c, other, str(run), False)
     res.raise_if_failed()
     dropped = {f"{r['shard']}/{r['key']}": r for r in pq.read_table(
         run / "hygiene" / "dropped.parquet").to_pylist()}  # fmt: skip
@@ -132,18 +150,29 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
             first = min(j for j in emb if emb[j]["sha256"] == emb[i]["sha256"] and j not in unsafe)
             assert dropped[i]["matched"] == first and first not in dropped
     assert sum(r["reason"] == "exact_duplicate" for r in dropped.values()) >= len(copies - unsafe)
-    # both evaluation copies go, with the eval file they copy
-    for key, name in ((k1, "exact_0.jpg"), (k2, "crop_0.jpg")):
+    # the resize is too blurred for the features (below eval_threshold): its hash finds it
+    ev = pq.read_table(next((run / "score" / "eval").glob("*.parquet"))).to_pylist()
+    ev = {os.path.basename(r["file"]): r for r in ev}
+    cos3 = _cos(ev["resize_0.jpg"]["embedding"], emb[f"00001/{k3}"]["embedding"])
+    bits3 = int(hamming(ev["resize_0.jpg"]["phash"], emb[f"00001/{k3}"]["phash"]))
+    assert cos3 < c.eval_threshold and bits3 <= c.phash_distance, (cos3, bits3)
+    # all three evaluation copies go, with the eval file they copy
+    for key, name in ((k1, "exact_0.jpg"), (k2, "crop_0.jpg"), (k3, "resize_0.jpg")):
         r = dropped[f"00001/{key}"]
         assert r["reason"] == "eval_copy" and r["matched"] == str(eval_dir / name), r
     assert dropped[f"00001/{k1}"]["score"] == 1.0 and dropped[f"00001/{k2}"]["score"] >= 0.9
-    # near duplicates: each matched to a kept image at cosine >= the threshold
+    assert dropped[f"00001/{k3}"]["score"] == pytest.approx(cos3, abs=1e-4)
+    assert dropped[f"00001/{k3}"]["phash_distance"] == bits3
+    # near duplicates: each matched to a kept image at cosine >= the threshold, or within
+    # the hash distance at cosine >= phash_min_cosine (both recorded)
     for i, r in dropped.items():
         if r["reason"] == "near_duplicate":
-            a = np.asarray(emb[i]["embedding"])
-            b = np.asarray(emb[r["matched"]]["embedding"])
-            cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-            assert r["score"] == pytest.approx(cos, abs=1e-4)
+            cos = _cos(emb[i]["embedding"], emb[r["matched"]]["embedding"])
+            bits = int(hamming(emb[i]["phash"], emb[r["matched"]]["phash"]))
+            assert r["score"] == pytest.approx(cos, abs=1e-4) and r["phash_distance"] == bits
+            assert cos >= c.near_threshold or (
+                bits <= c.phash_distance and cos >= c.phash_min_cosine
+            ), r
         if r["reason"] in ("near_duplicate", "exact_duplicate"):
             assert r["matched"] not in dropped and r["matched"] < i
 
@@ -154,7 +183,7 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     (s,) = [s for s in status.summarize_run(str(run)) if s["stage"] == "hygiene"]
     assert s["complete"] and s["drops"] == reasons
     assert s["samples_in"] == len(emb) == s["samples_out"] + len(dropped)
-    assert res.extra["eval_images"] == 2 and res.extra["settings"]["near_threshold"] == 0.97
+    assert res.extra["eval_images"] == 3 and res.extra["settings"]["near_threshold"] == 0.97
 
     # the same settings again: nothing recomputed
     again = hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(run), False)

@@ -70,6 +70,7 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
     default_args=DEFAULT_ARGS,
     user_defined_macros={
         "spark_args": dag_tasks.spark_args,
+        "eval_folder_args": dag_tasks.eval_folder_args,
         "build_version": dag_tasks.build_version,
     },
     tags=["mofi", "data"],
@@ -112,6 +113,13 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
             description="incremental rebuild: copy each unchanged shard of ner and score from "
             "this earlier version: latest (the last one published on mofi_i2e), a version name "
             "under root, a version URI, or none (a full rebuild)",
+        ),
+        "eval_folders": Param(
+            dag_tasks.env_list("MOFI_EVAL_FOLDERS"),
+            type="array",
+            items={"type": "string", "minLength": 1},
+            description="evaluation folders (GPR1200 layout) whose copies the hygiene stage "
+            "drops (empty: the config's; default: $MOFI_EVAL_FOLDERS, comma-separated)",
         ),
         "retrain_scorer": Param(
             False,
@@ -169,7 +177,8 @@ def mofi_build_i2e():
 
     @task.bash(execution_timeout=timedelta(hours=6))
     def hygiene() -> str:
-        return f"{MOFI} hygiene --run {RUN} {COMMON} {SPARK}"
+        folders = "{{ eval_folder_args(params.eval_folders) }}"
+        return f"{MOFI} hygiene --run {RUN} {COMMON} {SPARK}{folders}"
 
     @task.bash(execution_timeout=timedelta(hours=6))
     def vocab() -> str:

@@ -272,6 +272,14 @@ def _add_filter_and_write(sub) -> None:
     s.add_argument("--run", required=True)
     ov.flag("--near-threshold", "hygiene.near_threshold", type=float)
     ov.flag("--eval-threshold", "hygiene.eval_threshold", type=float)
+    ov.flag("--phash-distance", "hygiene.phash_distance", type=int)
+    ov.flag(
+        "--eval-folder",
+        "hygiene.eval_folders",
+        action="append",
+        metavar="DIR",
+        help="an evaluation folder whose copies are dropped (repeatable)",
+    )
     _spark_flags(ov, "hygiene")
     s.set_defaults(fn=cmd_hygiene)
 

@@ -142,6 +142,14 @@ def check_build_params(params: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
     if int(params.get("score_batch_shards", 1)) < 1:
         problems.append("score_batch_shards must be >= 1")
+    if params.get("eval_folders"):
+        from ..stages.hygiene.stage import eval_files
+
+        for folder in params["eval_folders"]:
+            try:
+                eval_files((folder,))
+            except (FileNotFoundError, ConfigError, OSError) as exc:
+                problems.append(str(exc))
     _check_root(params["root"], problems)
     return {"raw_shards": len(shards)}
 
@@ -210,6 +218,20 @@ def shard_batches(run_uri: str, batch_shards: int) -> list[str]:
     shards = plan["shards"]
     size = max(int(batch_shards), math.ceil(len(shards) / MAX_MAP))
     return [",".join(shards[i : i + size]) for i in range(0, len(shards), size)]
+
+
+def env_list(var: str) -> list[str]:
+    """The comma-separated items of ``$VAR`` (none when unset)."""
+    import os
+
+    return [v.strip() for v in os.environ.get(var, "").split(",") if v.strip()]
+
+
+def eval_folder_args(folders: list[str] | None) -> str:
+    """`` --eval-folder F`` for each folder, shell-quoted (empty: the config's folders)."""
+    import shlex
+
+    return "".join(f" --eval-folder {shlex.quote(str(f))}" for f in folders or [])
 
 
 def spark_args(conn_id: str = "spark_default") -> str:

@@ -136,7 +136,15 @@ def test_params_are_validated_by_their_schema(dagbag):
 
     good = {"root": "/r", "raw": "/raw", "kb": "/kb", "config": "cpu_test", "threshold": 0.3}
     check(good)
-    for bad in ({"config": "nope"}, {"threshold": 1.5}, {"score_batch_shards": 0}, {"root": ""}):
+    check({**good, "eval_folders": ["/e1", "s3://b/e2"]})
+    for bad in (
+        {"config": "nope"},
+        {"threshold": 1.5},
+        {"score_batch_shards": 0},
+        {"root": ""},
+        {"eval_folders": "/e1"},
+        {"eval_folders": [""]},
+    ):
         with pytest.raises(ParamValidationError):
             check({**good, **bad})
 
@@ -174,6 +182,8 @@ def test_the_first_task_names_what_to_fix(tmp_path, tiny_corpus):
         check_build_params({**good, "kb": str(tmp_path)})
     with pytest.raises(ConfigError, match="unknown config"):
         check_build_params({**good, "config": "prod"})
+    with pytest.raises(ConfigError, match="eval_folders: no images in .*nope"):
+        check_build_params({**good, "eval_folders": [str(tmp_path / "nope")]})
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="cannot write to"):
         check_build_params({**good, "root": str(tmp_path / "file" / "out")})
@@ -274,8 +284,10 @@ def test_build_i2e_dag_runs_end_to_end(tmp_path, tiny_corpus, migrated_db):
 @pytest.mark.slow
 def test_build_i2e_dag_with_the_production_recipe(tmp_path, tiny_corpus, migrated_db):
     """config=production: open_clip scoring (a tiny random-init model stands in for
-    ViT-B-32), no packaged-scorer bootstrap, the recipe's top-k."""
+    ViT-B-32), no packaged-scorer bootstrap, the recipe's top-k, every hygiene part on with
+    the evaluation folders the trigger names."""
     from airflow.dag_processing.dagbag import DagBag
+    from mofi_testdata import make_eval_folder
 
     dag = DagBag(dag_folder=DAGS_DIR).dags["mofi_build_i2e"]
     root = tmp_path / "af"
@@ -287,11 +299,14 @@ def test_build_i2e_dag_with_the_production_recipe(tmp_path, tiny_corpus, migrate
             "config": "production",
             "score_model": "mofi-tiny-vit",
             "threshold": -1.0,
+            "eval_folders": [make_eval_folder(tmp_path / "eval folder")],  # quoted in bash
         }
     )
     assert run.state == "success"
     (version,) = os.listdir(root)
     work = root / version / "i2e_run"
+    hyg = json.loads((work / "hygiene" / "hygiene.config.json").read_text())
+    assert hyg["eval_folders"] == [str(tmp_path / "eval folder")] and hyg["nsfw"]
     assert not (work / "scorer").exists()  # open_clip needs no bootstrap
     saved = json.loads((work / "score" / "score.config.json").read_text())
     assert saved["backend"] == "open_clip" and saved["model"] == "mofi-tiny-vit"

@@ -85,6 +85,12 @@ def test_named_flags_and_set_reach_the_config():
     v = vocab_config(args)
     assert (v.threshold, v.threshold_mode) == (0.3, "absolute")  # a threshold is absolute
     args = build_parser().parse_args(
+        ["hygiene", "--run", "x", "--eval-folder", "a", "--eval-folder", "s3://b/c"]
+        + ["--phash-distance", "-1", "--near-threshold", "0.93"]
+    )
+    h = pipeline_config(args).hygiene
+    assert (h.eval_folders, h.phash_distance, h.near_threshold) == (("a", "s3://b/c"), -1, 0.93)
+    args = build_parser().parse_args(
         ["train", "--i2e", "i", "--out", "o", "--mode", "supervised", "--nnodes", "2"]
         + ["--rdzv-endpoint", "head:29400"]
         + ["--set", "optim.lr=0.5", "--set", "data.batch_size=3"]

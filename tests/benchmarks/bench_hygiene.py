@@ -127,17 +127,15 @@ def score_drops(run: str, truth: dict) -> dict:
     return out
 
 
-def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None) -> dict:
+def _stages(raw: str, kb: str, run: str, scorer: str | None, hc) -> tuple:
+    """ner, score (with NSFW) and hygiene (``hc``) on a fresh run: (seconds, the score
+    result, the hygiene result, the cost ratios)."""
     from pipeline_tasks import recipes
-    from pipeline_tasks.runtime.layout import RunLayout
     from pipeline_tasks.stages.hygiene.stage import run_hygiene
     from pipeline_tasks.stages.ner.stage import run_ner
     from pipeline_tasks.stages.score.stage import ensure_scorer, run_score
 
-    root = os.path.join(args.out, f"n{n}")
-    shutil.rmtree(root, ignore_errors=True)
-    truth = _planted().make_corpus(photos_dir, records, root, n, seed=args.seed)
-    raw, run = os.path.join(root, "raw"), os.path.join(root, "run")
+    shutil.rmtree(run, ignore_errors=True)
     p = recipes.demo()
     secs = {}
     t0 = time.time()
@@ -153,33 +151,75 @@ def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None
     sres = run_score(score_c, raw, run, kb, False)
     sres.raise_if_failed()
     secs["score"] = time.time() - t0
-    hc = recipes.production().hygiene.replace(eval_folders=(os.path.join(root, "eval"),))
-    if args.near_threshold:
-        hc = hc.replace(near_threshold=args.near_threshold)
     t0 = time.time()
     hres = run_hygiene(hc, score_c, run, progress=False)
     secs["hygiene"] = time.time() - t0
     nsfw_s = float(sres.extra.get("nsfw_seconds", 0.0))
     phash_s = float(sres.extra.get("phash_seconds", 0.0))
     score_alone = secs["score"] - nsfw_s - phash_s  # the score stage without hygiene's parts
-    res = {
-        "photos": n,
+    cost = {
         "pool_images": int(hres.extra["images_in"]),
         "seconds": {k: round(v, 1) for k, v in secs.items()},
+        "score_without_nsfw_and_phash": round(score_alone, 1),
         "nsfw_seconds_in_score": round(nsfw_s, 1),
         "phash_seconds_in_score": round(phash_s, 2),
         "spark_over_score": round(secs["hygiene"] / score_alone, 3),
         "nsfw_over_score": round(nsfw_s / score_alone, 3),
         "phash_over_score": round(phash_s / score_alone, 4),
         "hygiene_over_score": round((secs["hygiene"] + nsfw_s + phash_s) / score_alone, 3),
-        "pairs_compared": hres.extra.get("pairs_compared"),
         "job_phase_seconds": hres.extra.get("phase_seconds"),
+    }
+    return hres, cost
+
+
+def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None) -> dict:
+    from pipeline_tasks import recipes
+    from pipeline_tasks.runtime.layout import RunLayout
+
+    root = os.path.join(args.out, f"n{n}")
+    shutil.rmtree(root, ignore_errors=True)
+    truth = _planted().make_corpus(photos_dir, records, root, n, seed=args.seed)
+    raw, run = os.path.join(root, "raw"), os.path.join(root, "run")
+    hc = recipes.production().hygiene.replace(eval_folders=(os.path.join(root, "eval"),))
+    if args.near_threshold:
+        hc = hc.replace(near_threshold=args.near_threshold)
+    hres, cost = _stages(raw, kb, run, scorer, hc)
+    res = {
+        "photos": n,
+        **cost,
+        "pairs_compared": hres.extra.get("pairs_compared"),
         "settings": hres.extra.get("settings"),
         **score_drops(run, truth),
         "calibration": calibration(run, truth),
         "calibration_with_hash": calibration(run, truth, (hc.phash_distance, hc.phash_min_cosine)),
     }
     return res, RunLayout(run).scorer_checkpoint
+
+
+def cost_point(pairs: int, args, scorer: str) -> dict:
+    """The cost alone on a demo corpus of ``pairs`` (rendered once, kept under ``--out``):
+    the same stages and settings, without evaluation folders."""
+    from pipeline_tasks import recipes
+    from pipeline_tasks.demo import corpus
+    from pipeline_tasks.demo import recipes as demo_recipes
+    from pipeline_tasks.stages.kb.stage import ENTITIES_FILE, build_kb
+
+    root = os.path.join(args.out, f"demo{pairs}")
+    raw, kb = os.path.join(root, "raw"), os.path.join(root, "kb")
+    if not os.path.exists(os.path.join(kb, ENTITIES_FILE)):
+        build_kb(recipes.get("demo").kb, kb)
+    c = demo_recipes.demo().replace(pairs=pairs, seed=args.seed)
+    corpus.build_corpus(c, raw, kb, progress=False).raise_if_failed()  # skips what is done
+    _, cost = _stages(raw, kb, os.path.join(root, "run"), scorer, recipes.production().hygiene)
+    return {"demo_pairs": pairs, **cost}
+
+
+def print_cost(r: dict) -> None:
+    print(f"seconds {r['seconds']} (inside score: NSFW {r['nsfw_seconds_in_score']} s, pHash "
+          f"{r['phash_seconds_in_score']} s); over the score stage without them: Spark job "
+          f"{r['spark_over_score']}, NSFW {r['nsfw_over_score']}, pHash "
+          f"{r['phash_over_score']}, all {r['hygiene_over_score']}")  # fmt: skip
+    print(f"inside the Spark job (s): {r['job_phase_seconds']}")
 
 
 def print_size(r: dict) -> None:
@@ -190,11 +230,7 @@ def print_size(r: dict) -> None:
               f"{k['wrong_match']:>12}")  # fmt: skip
     print(f"false removal: {r['originals_dropped']} of {r['originals']} originals "
           f"= {r['false_removal']:.4f}; drops by reason {r['reasons']}")  # fmt: skip
-    print(f"seconds {r['seconds']} (inside score: NSFW {r['nsfw_seconds_in_score']} s, pHash "
-          f"{r['phash_seconds_in_score']} s); over the score stage without them: Spark job "
-          f"{r['spark_over_score']}, NSFW {r['nsfw_over_score']}, pHash "
-          f"{r['phash_over_score']}, all {r['hygiene_over_score']}")  # fmt: skip
-    print(f"inside the Spark job (s): {r['job_phase_seconds']}")
+    print_cost(r)
     rule = r["settings"]["phash_distance"], r["settings"]["phash_min_cosine"]
     for name, title in (
         ("calibration", "by the features alone"),
@@ -213,6 +249,12 @@ def main() -> int:
     ap.add_argument("--photos", default=None, help="photo cache (default: the demo's)")
     ap.add_argument("--near-threshold", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--demo-pairs",
+        default="",
+        help="also the cost alone on demo corpora of these sizes (comma-separated; rendered "
+        "once under --out, about 2 min per 1,000 pairs here)",
+    )
     args = ap.parse_args()
     from pipeline_tasks.demo import photos
     from pipeline_tasks.stages.kb.stage import KBConfig, build_kb
@@ -231,14 +273,39 @@ def main() -> int:
         scorer = scorer or ckpt
         print_size(r)
         results.append(r)
+    for pairs in sorted(int(s) for s in args.demo_pairs.split(",") if s):
+        r = cost_point(pairs, args, scorer)
+        print(f"\n== cost on a demo corpus: {pairs} pairs, {r['pool_images']} pool images ==")
+        print_cost(r)
+        results.append(r)
     results.sort(key=lambda r: r["pool_images"])
-    if len(results) >= 2:
-        xs = [math.log(r["pool_images"]) for r in results]
-        ys = [math.log(r["seconds"]["hygiene"]) for r in results]
-        slope = float(np.polyfit(xs, ys, 1)[0])
-        print(f"\nhygiene time growth exponent over {[r['pool_images'] for r in results]} "
-              f"pool images: {slope:.2f}")  # fmt: skip
-        results.append({"hygiene_growth_exponent": round(slope, 3)})
+    for r in results:  # the seconds the marginal cost compares
+        r["hygiene"], r["score"] = r["seconds"]["hygiene"], r["score_without_nsfw_and_phash"]
+    runs = list(results)
+    if len(runs) >= 2:
+        n = [r["pool_images"] for r in runs]
+        for stage in ("hygiene", "score"):
+            ys = [math.log(r[stage]) for r in runs]
+            slope = float(np.polyfit([math.log(x) for x in n], ys, 1)[0])
+            print(f"\n{stage} time growth exponent over {n} pool images: {slope:.2f}")
+            results.append({f"{stage}_growth_exponent": round(slope, 3)})
+        # seconds per further image, from the smallest to the largest run
+        lo, hi = runs[0], runs[-1]
+        per = {
+            k: (hi[k] - lo[k]) / (hi["pool_images"] - lo["pool_images"])
+            for k in ("hygiene", "score")
+        }
+        print(f"marginal seconds per image {n[0]} -> {n[-1]}: Spark job {per['hygiene']:.4f}, "
+              f"score {per['score']:.4f} (ratio {per['hygiene'] / per['score']:.3f})")  # fmt: skip
+        results.append({"marginal_seconds_per_image": per})
+        # least-squares lines (seconds = fixed + per image x images): where the job would reach
+        # 0.15 of the score stage, if both stay linear
+        (bh, ah), (bs, as_) = (np.polyfit(n, [r[k] for r in runs], 1) for k in ("hygiene", "score"))
+        cross = (ah - 0.15 * as_) / (0.15 * bs - bh) if 0.15 * bs > bh else float("inf")
+        print(f"fitted: Spark job {ah:.1f} s + {bh * 1e3:.2f} ms/image, score {as_:.1f} s + "
+              f"{bs * 1e3:.2f} ms/image: the job is <= 0.15 of score from about {cross:,.0f} "
+              "images")  # fmt: skip
+        results.append({"job_at_0.15_of_score_from_images": cross})
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(results, f, indent=1)
     return 0

@@ -24,7 +24,7 @@ from training.core import storage
 from training.core.i2e import VOCAB_FILE
 
 from ...runtime.executor import ShardTask, StageResult, stage_lease
-from ...runtime.layout import LABELS, SCORE, VOCAB, RunLayout
+from ...runtime.layout import HYGIENE, LABELS, SCORE, VOCAB, RunLayout
 from ...runtime.markers import WHOLE_STAGE, completed_shards
 from ...runtime.spark import SparkConfig, run_spark_stage
 from .filtering import FilterError
@@ -199,11 +199,23 @@ def _run_vocab(config: VocabConfig, layout: RunLayout, kb_uri: str, progress: bo
 
 
 def _dropped_digest(layout: RunLayout) -> str:
-    """sha256 of the hygiene stage's dropped.parquet ("" when the run has none)."""
-    import hashlib
+    """sha256 of the hygiene stage's dropped.parquet, as its done marker vouches for it (the
+    file is not read again); "" when the run has none. A dropped file that no finished
+    hygiene stage vouches for (the stage is running again, or died) is refused."""
+    from ...runtime.markers import relative_name
 
     uri = layout.hygiene_dropped
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if storage.exists(uri) else ""
+    if not storage.exists(uri):
+        return ""
+    store = layout.store(HYGIENE)
+    st = store.read_done(WHOLE_STAGE)
+    rec = (st.outputs if st else {}).get(relative_name(store.root, uri))
+    if not rec:
+        raise cfg.ConfigError(
+            f"{uri} is not vouched for by a finished hygiene stage: run `mofi hygiene --run "
+            f"{layout.root}` to the end, then vocab"
+        )
+    return rec["sha256"]
 
 
 def load_vocab(uri: str) -> pa.Table:

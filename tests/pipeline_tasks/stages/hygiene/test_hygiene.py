@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline_tasks.runtime import status
 from pipeline_tasks.runtime.layout import RunLayout
+from pipeline_tasks.runtime.markers import WHOLE_STAGE
 from pipeline_tasks.stages.hygiene import stage as hygiene
 from pipeline_tasks.stages.ner.stage import run_ner
 from pipeline_tasks.stages.score import stage as score
@@ -210,6 +211,12 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     vres = vocab.run_vocab(built["config"].vocab, str(run), built["kb"], progress=False)
     assert not vres.extra["skipped"] and vres.processed
     assert labelled & {"00000/00000" + i[11:] for i in copies}  # the originals keep their labels
+    # drops that no finished hygiene stage vouches for (it died while running again): refused
+    hstore = RunLayout(str(run)).store("hygiene")
+    hstore.unmark_done(WHOLE_STAGE)
+    assert (run / "hygiene" / "dropped.parquet").exists() and not hstore.is_done(WHOLE_STAGE)
+    with pytest.raises(ConfigError, match="not vouched for by a finished hygiene stage"):
+        vocab.run_vocab(built["config"].vocab, str(run), built["kb"], progress=False)
 
 
 def test_everything_off_drops_nothing_without_spark(built, tmp_path):

@@ -45,6 +45,21 @@ def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] cluster: {msg}", flush=True)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """As every host process runs (OMP_NUM_THREADS=1): on some CPUs the scorer's sums, and
+    so the I2E's similarities, depend on the thread count (1e-5 apart at 1 and 2 here)."""
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1), os.environ.update(OMP_NUM_THREADS="1")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        os.environ.pop("OMP_NUM_THREADS") if env is None else os.environ.update(OMP_NUM_THREADS=env)
+
+
 def _mofi(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline_tasks.cli", "-q", *args],
@@ -94,10 +109,11 @@ def local_references(s: Settings) -> dict[str, Any]:
     from pipeline_tasks import recipes
     from pipeline_tasks.build import build_i2e
 
-    res = build_i2e(
-        recipes.get("cpu_test"), f"{loc}/raw", f"{loc}/kb", f"{loc}/i2e_run", f"{loc}/i2e",
-        progress=False,
-    )  # fmt: skip
+    with one_thread():
+        res = build_i2e(
+            recipes.get("cpu_test"), f"{loc}/raw", f"{loc}/kb", f"{loc}/i2e_run", f"{loc}/i2e",
+            progress=False,
+        )  # fmt: skip
     stage_s = {k: v["stage_seconds"] for k, v in res.items()}
     build_s = time.time() - t0
     t0 = time.time()
@@ -325,6 +341,9 @@ def checks(s: Settings, stack: Stack, build: dict, train: dict, bucket: str) -> 
     out: dict[str, Any] = {
         "i2e_files": len(i2e_s3),
         "i2e_identical": bool(i2e_s3) and i2e_s3 == i2e_local,
+        "i2e_differing_files": sorted(
+            n for n in set(i2e_s3) | set(i2e_local) if i2e_s3.get(n) != i2e_local.get(n)
+        ),
     }
     ref_curve = curve(f"{loc}/train/metrics.jsonl")
     got_curve = curve(f"{train['out']}/metrics.jsonl")

@@ -2,7 +2,7 @@
 
 Runs between score and vocab, on what scoring kept for every scored image: its visual
 embedding, its content hash (img2dataset's ``sha256`` column when the raw parquet has it,
-else computed from the bytes the score stage read), its perceptual hash (``score.phash``)
+else computed from the bytes the score stage read), its perceptual hash (``score/phash.py``)
 and, when enabled, its NSFW score. The registered evaluation folders (``eval_folders``: the
 GPR1200-layout folders `mofi eval` reads) are embedded and hashed once by the same scorer.
 The Spark job (``job.py``) groups globally and writes

@@ -115,7 +115,7 @@ DEFAULT_ARGS = dag_tasks.default_args(owner="mofi-data", hours=6)
             "under root, a version URI, or none (a full rebuild)",
         ),
         "eval_folders": Param(
-            dag_tasks.env_list("MOFI_EVAL_FOLDERS"),
+            dag_tasks.eval_folders(os.environ.get("MOFI_EVAL_FOLDERS", "")),
             type="array",
             items={"type": "string", "minLength": 1},
             description="evaluation folders (GPR1200 layout) whose copies the hygiene stage "

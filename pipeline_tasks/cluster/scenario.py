@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+from unittest import mock
 
 from training.core import storage
 
@@ -47,17 +48,16 @@ def _say(msg: str) -> None:
 
 @contextlib.contextmanager
 def one_thread():
-    """As every host process runs (OMP_NUM_THREADS=1): on some CPUs the scorer's sums, and
-    so the I2E's similarities, depend on the thread count (1e-5 apart at 1 and 2 here)."""
+    """One thread, as on the hosts: on some CPUs the I2E's similarities depend on it (1e-5)."""
     import torch
 
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1), os.environ.update(OMP_NUM_THREADS="1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        yield
+        with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
+            yield
     finally:
         torch.set_num_threads(before)
-        os.environ.pop("OMP_NUM_THREADS") if env is None else os.environ.update(OMP_NUM_THREADS=env)
 
 
 def _mofi(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -220,13 +220,6 @@ def shard_batches(run_uri: str, batch_shards: int) -> list[str]:
     return [",".join(shards[i : i + size]) for i in range(0, len(shards), size)]
 
 
-def env_list(var: str) -> list[str]:
-    """The comma-separated items of ``$VAR`` (none when unset)."""
-    import os
-
-    return [v.strip() for v in os.environ.get(var, "").split(",") if v.strip()]
-
-
 def eval_folder_args(folders: list[str] | None) -> str:
     """`` --eval-folder F`` for each folder, shell-quoted (empty: the config's folders)."""
     import shlex

@@ -186,12 +186,7 @@ def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_gro
         "tbl int, bkey long, id string",
     )
     shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
-    emb = members.select(
-        "id",
-        "embedding",
-        F.coalesce("phash", F.lit(0).cast("long")).alias("ph"),  # no nulls: int64 in pandas
-        F.col("phash").isNotNull().alias("has_ph"),
-    )
+    emb = _with_hash(members)
     rows = (
         keyed.join(shared, ["tbl", "bkey"])
         .join(emb, "id")
@@ -202,6 +197,18 @@ def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_gro
         .applyInPandas(_pairs_at(thr, int(c["max_bucket"]), rule), EDGE_SCHEMA)
         .groupBy("a", "b")
         .agg(F.max("cos").alias("cos"), F.min("ham").alias("ham"))
+    )
+
+
+def _with_hash(df):
+    """id, embedding, ph (the hash, 0 when null: int64 in pandas, never float) and has_ph."""
+    from pyspark.sql import functions as F
+
+    return df.select(
+        "id",
+        "embedding",
+        F.coalesce("phash", F.lit(0).cast("long")).alias("ph"),
+        F.col("phash").isNotNull().alias("has_ph"),
     )
 
 
@@ -364,11 +371,7 @@ def find_drops(
         )
         labels = components(spark, pool)
         dup = labels.filter(F.col("id") != F.col("label")).withColumnRenamed("label", "matched")
-        emb = live.select(
-            "id", "embedding",
-            F.coalesce("phash", F.lit(0).cast("long")).alias("ph"),
-            F.col("phash").isNotNull().alias("has_ph"),
-        )  # fmt: skip
+        emb = _with_hash(live)
         m_emb = emb.select([F.col(x).alias("m_" + x) for x in emb.columns])
         withm = dup.join(emb, "id").join(m_emb.withColumnRenamed("m_id", "matched"), "matched")
         drops.append(withm.mapInPandas(_cosine_to, DROP_SCHEMA))

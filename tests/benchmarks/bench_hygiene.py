@@ -19,6 +19,10 @@ planted evaluation folder registered. Prints per size:
   ``phash_min_cosine``);
 * seconds of hygiene against seconds of score on the same corpus, and the growth exponent
   of the hygiene stage's time over the sizes.
+
+With ``--demo-pairs N``: the same cost on a demo corpus of N pairs (its own scorer, as
+`make demo` bootstraps it), and the share of it the near-duplicate rule would drop at
+0.85-0.95 (the demo renders each picture many times on purpose: its threshold's reason).
 """
 
 from __future__ import annotations
@@ -196,9 +200,39 @@ def run_size(n: int, args, kb: str, records, photos_dir: str, scorer: str | None
     return res, RunLayout(run).scorer_checkpoint
 
 
-def cost_point(pairs: int, args, scorer: str) -> dict:
-    """The cost alone on a demo corpus of ``pairs`` (rendered once, kept under ``--out``):
-    the same stages and settings, without evaluation folders."""
+DEMO_THRESHOLDS = (0.85, 0.90, 0.92, 0.95)
+
+
+def drop_rates(run: str, rule: tuple[int, float]) -> dict[str, dict[float, float]]:
+    """The share of a run's images the near-duplicate rule would drop at each threshold
+    (all but one of each connected group of copy pairs), by the features alone and with the
+    hash ``rule`` (bits, cosine)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from pipeline_tasks.stages.score.phash import hamming
+
+    emb, hashes = _embeddings(run)
+    ids = sorted(emb)
+    x = np.stack([emb[i] for i in ids])
+    sims = x @ x.T
+    h = np.asarray([hashes[i] for i in ids], np.int64)
+    hashed = (hamming(h[:, None], h[None, :]) <= rule[0]) & (sims >= rule[1])
+    out: dict[str, dict[float, float]] = {"features": {}, "with_hash": {}}
+    for name, extra in (("features", False), ("with_hash", hashed)):
+        for t in DEMO_THRESHOLDS:
+            a, b = np.nonzero(np.triu((sims >= t) | extra, 1))
+            graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids)))
+            n_groups = connected_components(graph, directed=False)[0]
+            out[name][t] = round(1 - n_groups / len(ids), 4)
+    return out
+
+
+def cost_point(pairs: int, args) -> dict:
+    """The cost alone on a demo corpus of ``pairs`` (rendered once, kept under ``--out``),
+    with its own packaged scorer bootstrapped as `make demo` does: the same stages and
+    settings, without evaluation folders; and the share of it the near-duplicate rule
+    would drop at each threshold (the demo renders each picture many times on purpose)."""
     from pipeline_tasks import recipes
     from pipeline_tasks.demo import corpus
     from pipeline_tasks.demo import recipes as demo_recipes
@@ -210,8 +244,10 @@ def cost_point(pairs: int, args, scorer: str) -> dict:
         build_kb(recipes.get("demo").kb, kb)
     c = demo_recipes.demo().replace(pairs=pairs, seed=args.seed)
     corpus.build_corpus(c, raw, kb, progress=False).raise_if_failed()  # skips what is done
-    _, cost = _stages(raw, kb, os.path.join(root, "run"), scorer, recipes.production().hygiene)
-    return {"demo_pairs": pairs, **cost}
+    hc, run = recipes.production().hygiene, os.path.join(root, "run")
+    _, cost = _stages(raw, kb, run, None, hc)
+    rates = drop_rates(run, (hc.phash_distance, hc.phash_min_cosine))
+    return {"demo_pairs": pairs, **cost, "demo_drop_rates": rates}
 
 
 def print_cost(r: dict) -> None:
@@ -274,9 +310,11 @@ def main() -> int:
         print_size(r)
         results.append(r)
     for pairs in sorted(int(s) for s in args.demo_pairs.split(",") if s):
-        r = cost_point(pairs, args, scorer)
+        r = cost_point(pairs, args)
         print(f"\n== cost on a demo corpus: {pairs} pairs, {r['pool_images']} pool images ==")
         print_cost(r)
+        for name, rates in r["demo_drop_rates"].items():
+            print(f"near-duplicate drops by threshold ({name}): {rates}")
         results.append(r)
     results.sort(key=lambda r: r["pool_images"])
     for r in results:  # the seconds the marginal cost compares

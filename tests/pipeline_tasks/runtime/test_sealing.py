@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
 from pipeline_tasks.runtime import markers, sealing, status
+from training.core import process
 
 
 def _complete_stage(root: str, stage: str, n: int) -> markers.MarkerStore:
@@ -84,24 +86,58 @@ def test_a_seal_made_while_a_marker_changed_is_withdrawn(tmp_path):
 
 
 @pytest.mark.s3
-def test_status_requests_of_a_finished_build_do_not_grow_with_its_shards(s3_bucket):
+def test_status_requests_of_a_finished_build_do_not_grow_with_its_shards(s3_bucket, monkeypatch):
+    """Counts the requests status makes under the build's folder. The process's heartbeat
+    thread shares the S3 client: here it beats fast for a claim held elsewhere in the bucket,
+    and is seen overlapping the counted read, as a claim left by an earlier test would be."""
     from training.core import storage
 
-    calls: list[str] = []
-    client = storage.s3_client()
-    client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    bucket = storage.split_s3(s3_bucket)[0]
+    calls: list[tuple[str, str]] = []  # (key or prefix, request)
+
+    def note(params, model, **_):
+        if params.get("Bucket") == bucket:
+            calls.append((params.get("Key", params.get("Prefix", "")), model.name))
+
+    storage.s3_client().meta.events.register("before-parameter-build.s3.*", note)
+    monkeypatch.setattr(markers, "HEARTBEAT_S", 0.02)
+    busy = markers.MarkerStore(f"{s3_bucket}/elsewhere/i2e_run/ner", "ner")
+    busy.claim("00000")
+    calls.clear()  # the claim's own write is no beat
+
+    def beats() -> int:
+        return sum(k.startswith("elsewhere/") and r == "PutObject" for k, r in calls)
+
+    deadline = time.time() + 2 * process.HEARTBEAT_S + 5  # a beat already asleep ends first
+    while not beats() and time.time() < deadline:
+        time.sleep(0.05)
+    assert beats(), "the heartbeat thread never beat"
     warm = {}
-    for n in (5, 40):
-        top = f"{s3_bucket}/n{n}/v=2026-12-05"
-        for folder, stage in (("i2e_run/ner", "ner"), ("i2e_run/score", "score"), ("i2e", "write")):
-            root = f"{top}/{folder}"
-            _complete_stage(root, stage, n)
-            for i in range(n):  # the shard files the stage wrote beside its markers
-                storage.write_bytes(f"{root}/{markers.shard_id(i)}.parquet", b"x")
-        status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())  # seals
-        calls.clear()
-        summaries = status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())
-        assert len(summaries) == 3 and all(s["sealed"] and s["done"] == n for s in summaries)
-        warm[n] = sorted(calls)
+    try:
+        for n in (5, 40):
+            top = f"{s3_bucket}/n{n}/v=2026-12-05"
+            for folder, stage in (
+                ("i2e_run/ner", "ner"),
+                ("i2e_run/score", "score"),
+                ("i2e", "write"),
+            ):
+                root = f"{top}/{folder}"
+                _complete_stage(root, stage, n)
+                for i in range(n):  # the shard files the stage wrote beside its markers
+                    storage.write_bytes(f"{root}/{markers.shard_id(i)}.parquet", b"x")
+            status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())  # seals
+            for _ in range(20):  # until a beat falls inside the counted read
+                calls.clear()
+                summaries = status.summarize_run(f"{s3_bucket}/n{n}", status.MarkerReader())
+                assert len(summaries) == 3
+                assert all(s["sealed"] and s["done"] == n for s in summaries)
+                mine = sorted(r for k, r in calls if k.startswith(f"n{n}/"))
+                assert warm.setdefault(n, mine) == mine
+                if beats():
+                    break
+            else:
+                pytest.fail("no heartbeat overlapped the counted status read")
+    finally:
+        busy.release("00000")
     assert warm[5] == warm[40]
     assert warm[5].count("GetObject") == 3 and len(warm[5]) < 20

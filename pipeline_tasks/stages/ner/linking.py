@@ -22,6 +22,7 @@ single-process baseline and the tests all run the same code.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -195,26 +196,44 @@ class EntityLinker:
         context_types: set[str],
     ) -> tuple[int | None, float]:
         """The best-scoring candidate (None when none scores above 0) and its score: prior,
-        type compatibility and context, all candidates at once; ties go to the smallest
-        entity id."""
-        c = self.config
+        type compatibility and context; ties go to the smallest entity id."""
         codes = self.index.arrays["ent_type"][rows]
         types = self.index.types
         if len(rows) == 1:  # a lone candidate's own type is no evidence for itself
             context_types = context_types - {types[int(codes[0])]}
         if len(rows) <= _FEW:
             return self._best_few(rows, priors, label, context, context_types, codes)
-        in_ctx = np.array([t in context_types for t in types], bool)[codes]
-        ctx = np.minimum(1.0, self.index.context_overlap(rows, context) / 3.0)
+        return self._best_many([(rows, priors, label, context, context_types)])[0]
+
+    def _best_many(self, reqs: list[tuple]) -> list[tuple[int | None, float]]:
+        """:meth:`_best` of many mentions of more than ``_FEW`` candidates each, in one pass
+        of numpy calls (``reqs``: its arguments per mention); the same floats as one by one."""
+        c = self.config
+        types = self.index.types
+        k = np.array([len(r[0]) for r in reqs], np.int64)
+        rows = np.concatenate([r[0] for r in reqs]).astype(np.int64)
+        priors = np.concatenate([r[1] for r in reqs])
+        rq = np.repeat(np.arange(len(reqs)), k)
+        codes = self.index.arrays["ent_type"][rows].astype(np.int64)
+        in_ctx = np.array([[t in r[4] for t in types] for r in reqs], bool)[rq, codes]
+        compat = np.stack([self._compat(r[2]) for r in reqs])[rq, codes]
+        overlap = self.index.context_overlap_many(rows, rq, [r[3] for r in reqs])
+        ctx = np.minimum(1.0, overlap / 3.0)
         ctx = np.where(in_ctx, np.minimum(1.0, ctx + 0.34), ctx)
-        score = c.w_prior * priors + c.w_type * self._compat(label)[codes] + c.w_context * ctx
-        top = float(score.max())
-        if top <= 0.0:
-            return None, 0.0
-        tied = rows[score == top].tolist()
-        if len(tied) == 1:
-            return tied[0], top
-        return min(tied, key=self.index.entity_id), top
+        score = c.w_prior * priors + c.w_type * compat + c.w_context * ctx
+        top = np.maximum.reduceat(score, np.cumsum(k) - k)
+        tied: dict[int, list[int]] = {}
+        for i in np.nonzero(score == top[rq])[0].tolist():
+            tied.setdefault(int(rq[i]), []).append(int(rows[i]))
+        out: list[tuple[int | None, float]] = []
+        for r, t in enumerate(top.tolist()):
+            if t <= 0.0:
+                out.append((None, 0.0))
+            elif len(tied[r]) == 1:
+                out.append((tied[r][0], t))
+            else:
+                out.append((min(tied[r], key=self.index.entity_id), t))
+        return out
 
     def _best_few(self, rows, priors, label, context, context_types, codes):
         """:meth:`_best` for a few candidates, one at a time (the same floats: numpy's
@@ -257,15 +276,50 @@ class EntityLinker:
     def link_doc(self, doc, text: str | None = None) -> list[dict[str, Any]]:
         """The linked mentions of a parsed caption (``text``: the caption, when the caller
         has it; spaCy rebuilds ``doc.text`` token by token)."""
+        return self.link_docs([doc], [text])[0]
+
+    def link_docs(self, docs: list, texts: list[str | None]) -> list[list[dict[str, Any]]]:
+        """:meth:`link_doc` of a batch: the KB phrase matcher runs once over all of it."""
         from spacy.attrs import ENT_IOB, ENT_TYPE, IDX, IS_STOP, LENGTH, LOWER
 
         # token attributes as one array (making a Token or Span object per access costs more)
-        arr = doc.to_array([LOWER, IDX, LENGTH, IS_STOP, ENT_IOB, ENT_TYPE]) if len(doc) else None
+        attrs = [LOWER, IDX, LENGTH, IS_STOP, ENT_IOB, ENT_TYPE]
+        arrs = [doc.to_array(attrs) if len(doc) else None for doc in docs]
+        bounds = np.cumsum([0] + [len(doc) for doc in docs])
+        lowers = [x[:, 0] for x in arrs if x is not None]
+        matches = self.index.match_many(
+            np.concatenate(lowers).astype(np.uint64) if lowers else np.zeros(0, np.uint64),
+            bounds,
+        )
+        picked = [
+            self._choose(doc, text, arr, m)
+            for doc, text, arr, m in zip(docs, texts, arrs, matches, strict=True)
+        ]
+        # every mention's best candidate: a few candidates one by one, many all at once
+        best: dict[tuple[int, int], tuple[int | None, float]] = {}
+        many, many_at = [], []
+        for d, (chosen, words, context_types) in enumerate(picked):
+            for j, (_, text, label) in enumerate(chosen):
+                rows, priors = self.candidates(text)
+                if not len(rows):
+                    continue
+                ctx = np.array(sorted(words - self._word_ids(text)), np.uint64)
+                if len(rows) <= max(_FEW, 1):  # (a lone candidate's own type is set aside)
+                    best[d, j] = self._best(rows, priors, label, ctx, context_types)
+                else:
+                    many.append((rows, priors, label, ctx, context_types))
+                    many_at.append((d, j))
+        if many:
+            best.update(zip(many_at, self._best_many(many), strict=True))
+        return [self._emit(chosen, best, d) for d, (chosen, _, _) in enumerate(picked)]
+
+    def _choose(self, doc, text: str | None, arr, matches) -> tuple[list, set[int], set[str]]:
+        """A parsed caption's mentions ((start, end) chars, text, label), not overlapping,
+        in caption order; its content word ids; the types its unambiguous mentions name."""
         spans: list[tuple[int, int, str]] = []  # token start, end, label
         if arr is not None:
             spans = self._entity_spans(doc, arr[:, 4].tolist(), arr[:, 5].tolist())
-            for start, end in self.index.match(np.ascontiguousarray(arr[:, 0])):
-                spans.append((start, end, "KB"))
+            spans += [(start, end, "KB") for start, end in matches]
             idx, length, stop = arr[:, 1].tolist(), arr[:, 2].tolist(), arr[:, 3].tolist()
         text_all = doc.text if text is None else text
 
@@ -304,17 +358,15 @@ class EntityLinker:
             rows = self.candidates(text)[0]
             if len(rows) == 1:
                 context_types.add(self.index.entity_type(int(rows[0])))
+        return chosen, words, context_types
+
+    def _emit(self, chosen: list, best: dict, d: int) -> list[dict[str, Any]]:
         out = []
-        for (start_char, end_char), text, label in chosen:
-            rows, priors = self.candidates(text)
-            best, best_score = None, 0.0
-            if len(rows):
-                ctx = np.array(sorted(words - self._word_ids(text)), np.uint64)
-                best, best_score = self._best(rows, priors, label, ctx, context_types)
-            best_id = self.index.entity_id(best) if best is not None else None
-            if best is not None and best_score < self.config.min_link_score:
-                best = None
-            if best is None and label == "KB":
+        for j, ((start_char, end_char), text, label) in enumerate(chosen):
+            row, score = best.get((d, j), (None, 0.0))
+            if row is not None and score < self.config.min_link_score:
+                row = None
+            if row is None and label == "KB":
                 continue  # a matcher span always had candidates; below threshold it is noise
             out.append(
                 {
@@ -322,8 +374,8 @@ class EntityLinker:
                     "label": label,
                     "start": start_char,
                     "end": end_char,
-                    "entity_id": best_id if best is not None else None,
-                    "link_score": round(best_score, 4) if best is not None else 0.0,
+                    "entity_id": self.index.entity_id(row) if row is not None else None,
+                    "link_score": round(score, 4) if row is not None else 0.0,
                 }
             )
         return out
@@ -332,9 +384,14 @@ class EntityLinker:
         from threadpoolctl import threadpool_limits
 
         texts = list(texts)
+        bs = self.config.batch_size
+        out: list[list[dict[str, Any]]] = []
         with threadpool_limits(limits=1, user_api="blas"):  # one core per Spark task
-            docs = self.nlp.pipe(texts, batch_size=self.config.batch_size)
-            return [self.link_doc(doc, text) for doc, text in zip(docs, texts, strict=True)]
+            docs = self.nlp.pipe(texts, batch_size=bs)
+            for at in range(0, len(texts), bs):
+                chunk = texts[at : at + bs]
+                out += self.link_docs(list(itertools.islice(docs, len(chunk))), chunk)
+        return out
 
 
 def clean_caption(caption: Any, max_chars: int) -> tuple[str | None, str | None, bool]:

@@ -89,6 +89,31 @@ def test_index_finds_exactly_the_phrase_matchers_spans(nlp, kb_table):
     assert n_spans > 1500  # every caption names at least one entity; many name several
 
 
+def test_a_batch_is_matched_as_its_documents_are_one_by_one(nlp, kb_table):
+    """``match_many`` (what the linker runs per spaCy batch) finds each document's spans, and
+    none across two documents: a two-word name split over a document's end and the next
+    one's start is found in neither, and in the document that holds it whole."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    index = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
+    two = next(
+        n for n in kb_table.column("name").to_pylist()
+        if len(n.split()) == 2 and n.isascii() and n.replace(" ", "").isalpha()
+    )  # fmt: skip
+    first, second = two.split()
+    captions = _captions(kb_table, 400, seed=3)
+    captions[10:12] = [f"zzz qqq {first}", f"{second} zzz qqq"]
+    captions[20] = f"zzz {two} qqq"
+    docs = list(nlp.tokenizer.pipe(captions))
+    lowers = [np.array([t.lower for t in doc], np.uint64) for doc in docs]
+    bounds = np.cumsum([0] + [len(x) for x in lowers])
+    batched = index.match_many(np.concatenate(lowers), bounds)
+    assert batched == [index.match(x) for x in lowers]
+    assert (2, 4) not in batched[10] and (0, 2) not in batched[11]  # not across the boundary
+    assert (1, 3) in batched[20]
+    assert sum(map(len, batched)) > 400
+
+
 def test_saved_index_is_mapped_and_links_the_same(nlp, kb_table, tmp_path):
     from spacy.lang.en.stop_words import STOP_WORDS
 
@@ -120,6 +145,54 @@ def test_context_overlap_counts_each_rows_words(nlp, kb_table):
     assert got == want
     assert sum(want) > 50  # the check saw overlaps, not only zeros
     assert index.context_overlap(rows, words[:0]).tolist() == [0] * len(rows)
+
+
+def test_overlaps_of_many_mentions_at_once_are_each_mentions_own(nlp, kb_table):
+    """``context_overlap_many`` counts a row's words against its own mention's words only,
+    and a word sharing the low bits of the prefilter's bitmap with a row's word is no hit."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    index = kb_index.KBIndex.build(kb_table, nlp.tokenizer, set(STOP_WORDS))
+    off, words_all = index.arrays["ctx_off"], index.arrays["ctx_word"]
+    rng = np.random.default_rng(1)
+    mentions = []
+    for _ in range(40):
+        picked = rng.choice(words_all, 30, replace=False)
+        decoys = picked[:10] ^ np.uint64(1 << 40)  # the same low 20 bits, another word
+        mentions.append(np.unique(np.concatenate([picked[10:], decoys])))
+    rows = rng.integers(0, len(off) - 1, 2000).astype(np.int32)
+    req = rng.integers(0, len(mentions), len(rows))
+    got = index.context_overlap_many(rows, req, mentions).tolist()
+    want = [
+        sum(w in set(mentions[m].tolist()) for w in words_all[off[r] : off[r + 1]].tolist())
+        for r, m in zip(rows.tolist(), req.tolist(), strict=True)
+    ]
+    assert got == want and sum(want) > 100
+    alone = [index.context_overlap(rows[req == m], mentions[m]) for m in range(len(mentions))]
+    assert sum(int(a.sum()) for a in alone) == sum(want)
+
+
+@pytest.mark.parametrize("few", [8, 0])
+def test_linking_a_batch_links_each_caption_as_alone(nlp, kb_table, few, monkeypatch):
+    """The linker scores all of a spaCy batch's mentions of many candidates at once (with
+    ``_FEW`` 0, every mention of two or more): the same mentions, entities and scores as
+    batches of one caption, and as one by one."""
+    from pipeline_tasks.stages.ner import linking
+
+    monkeypatch.setattr(linking, "_FEW", few)
+    captions = _captions(kb_table, 300, seed=4)
+    linker = EntityLinker(kb_table, LinkerConfig(), nlp=nlp)
+    calls = []
+    monkeypatch.setattr(linker, "_best_many", lambda reqs: calls.append(len(reqs)) or
+                        EntityLinker._best_many(linker, reqs))  # fmt: skip
+    batched = linker.link_texts(captions)
+    assert not few or not calls  # the packaged KB has no name of more than 8 entities
+    assert few or max(calls) > 1  # several mentions in one pass
+    linker.config.batch_size = 1
+    assert linker.link_texts(captions) == batched
+    monkeypatch.setattr(linking, "_FEW", 10**6)
+    assert linker.link_texts(captions) == batched
+    assert sum(1 for ms in batched for m in ms if m["entity_id"]) > 300
 
 
 @pytest.mark.parametrize("few", [8, 0])  # one candidate at a time; all at once in numpy

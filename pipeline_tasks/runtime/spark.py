@@ -78,6 +78,18 @@ def spark_env() -> dict[str, str]:
     return env
 
 
+def local_jvm_conf(master: str) -> dict[str, str]:
+    """A local master's JVM is the whole cluster on a shared machine: the serial collector
+    grows its heap only as far as the live data needs (G1, the default on 2+ cores, grew
+    vocab's JVM from 0.79 to 1.70 GiB between 1,000 and 8,000 pairs; serial 0.57 to 0.78,
+    with Arrow batches of 1,000 rows). A cluster's JVMs keep Spark's defaults."""
+    return (
+        {"spark.driver.defaultJavaOptions": "-XX:+UseSerialGC"}
+        if master.startswith("local")
+        else {}
+    )
+
+
 def run_spark_job(
     script: str,
     spec: dict[str, Any],
@@ -129,6 +141,7 @@ def run_spark_job(
         "spark.task.maxFailures": "2",
         "spark.local.dir": scratch,
         "spark.driver.extraJavaOptions": f"-Djava.io.tmpdir={tmp}",
+        **local_jvm_conf(sc.master),
         **sc.extra_conf,
     }
     for k, v in conf.items():

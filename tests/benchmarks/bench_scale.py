@@ -55,9 +55,13 @@ GiB = 1 << 30
 def kind_of(cmd: str, root: bool) -> str:
     if root:
         return "driver"
-    if "java" in cmd.split(" ", 1)[0] or "org.apache.spark" in cmd:
+    # spark-submit is a shell script that execs the JVM: a process first seen as the script
+    # (whose --conf names spark.python.worker.reuse) is the JVM when it peaks
+    if "java" in cmd.split(" ", 1)[0] or any(
+        s in cmd for s in ("org.apache.spark", "bin/spark-submit", "bin/spark-class")
+    ):
         return "spark_jvm"
-    if "pyspark" in cmd and ("daemon" in cmd or "worker" in cmd):
+    if "-m pyspark.daemon" in cmd or "-m pyspark.worker" in cmd:
         return "spark_python_worker"
     if "multiprocessing" in cmd or "spawn_main" in cmd:
         return "worker"

@@ -314,6 +314,9 @@ def main(spec_path: str) -> int:
     t0 = time.time()
     spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    # Arrow batches of a shard's size, not Spark's 10,000 rows: the images' features travel
+    # through them, and the Python worker's peak then stays flat as shards are added
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1000")
     vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running(markers.WHOLE_STAGE)
     n_parts = max(1, min(len(spec["score_files"]), 2 * spark.sparkContext.defaultParallelism))

@@ -43,11 +43,12 @@ def run_and_sample(
                 for p in procs:
                     try:
                         h = peak_rss_bytes(p.pid)
-                        if h > hwm.get(p.pid, 0) or not names.get(p.pid):
+                        grew = h > hwm.get(p.pid, 0)
+                        hwm[p.pid] = max(hwm.get(p.pid, 0), h)
+                        if grew or not names.get(p.pid):
                             # the command line it grew under: a script that execs the JVM
                             # shows the script first, and an empty line mid-exec
                             names[p.pid] = " ".join(p.cmdline())[:300] or names.get(p.pid, "")
-                        hwm[p.pid] = max(hwm.get(p.pid, 0), h)
                         if with_pss:
                             info = p.memory_full_info()
                             pss.append(getattr(info, "pss", info.rss))

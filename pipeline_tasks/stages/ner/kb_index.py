@@ -331,7 +331,7 @@ class KBIndex:
         vals = self.arrays["ctx_word"][np.repeat(lo - starts, n) + np.arange(total)]
         # most words are no mention's: a cache-sized bitmap of the mentions' words' low bits
         # rules them out before anything is hashed or searched
-        allw = np.concatenate(words)
+        allw = np.concatenate(words).astype(np.uint64, copy=False)
         seen = np.zeros(_FILTER_BITS + 1, bool)
         seen[(allw & _FILTER_BITS).astype(np.intp)] = True
         sel = np.nonzero(seen[(vals & _FILTER_BITS).astype(np.intp)])[0]

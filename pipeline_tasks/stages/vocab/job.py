@@ -315,8 +315,11 @@ def main(spec_path: str) -> int:
     spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     # Arrow batches of a shard's size, not Spark's 10,000 rows: the images' features travel
-    # through them, and the Python worker's peak then stays flat as shards are added
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1000")
+    # through them, and the Python worker's peak then stays flat as shards are added (unless
+    # the config's spark.extra_conf sets its own)
+    batch_rows = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    if not spark.sparkContext.getConf().contains(batch_rows):
+        spark.conf.set(batch_rows, "1000")
     vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running(markers.WHOLE_STAGE)
     n_parts = max(1, min(len(spec["score_files"]), 2 * spark.sparkContext.defaultParallelism))

@@ -149,6 +149,7 @@ def score_pairs(spark, spec: dict, scores, n_parts: int, weight: float):
     """Each pair's coherence and score (similarity + weight x coherence; weight 0: the
     similarity alone), from per-entity sums of centred visual features."""
     import numpy as np
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from pipeline_tasks.stages.vocab import filtering
@@ -161,7 +162,9 @@ def score_pairs(spark, spec: dict, scores, n_parts: int, weight: float):
         spark.createDataFrame(spec["embedding_files"], "shard string, uri string")
         .repartition(n_parts)
         .mapInPandas(partial(read_columns, ["key", "embedding"]), EMBEDDING_SCHEMA)
-        .cache()
+        # read twice (the mean, then the join), kept on local disk: in the JVM's heap these
+        # features (one float per dimension per image) grew it with the pairs
+        .persist(StorageLevel.DISK_ONLY)
     )
     parts = embs.mapInPandas(filtering.embedding_sums, "n long, s array<double>").collect()
     n_emb = sum(r["n"] for r in parts)

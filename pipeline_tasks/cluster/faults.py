@@ -12,9 +12,11 @@ checked, and Spark's own record of where its tasks ran.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -150,6 +152,12 @@ def _markers(store_dir: str) -> dict[str, str]:
     return out
 
 
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def kill_gpu_host_during_scoring(
     host: Host, score_markers: str, timeout_s: float = 900
 ) -> dict[str, Any]:
@@ -167,6 +175,13 @@ def kill_gpu_host_during_scoring(
         if running and any(st == "done" for st in states.values()):
             claim = storage.read_json(storage.join(score_markers, f"{running[0]}.running.json"))
             if claim.get("host") == host.name:
+                # frozen, the host cannot finish the shard between this check and the kill
+                # (a shard done in that window left no claim to prove the fault by)
+                frozen = host.pids()
+                _signal(frozen, signal.SIGSTOP)
+                if _markers(score_markers).get(running[0]) != "running":
+                    _signal(frozen, signal.SIGCONT)  # it finished meanwhile: the next claim
+                    continue
                 pids = host.kill_all()
                 after = _markers(score_markers)
                 return {

@@ -434,7 +434,7 @@ def run(s: Settings) -> dict[str, Any]:
         report["up_s"] = round(time.time() - t0, 1)
         _say(f"services up on {', '.join(h.name for h in hs)} in {report['up_s']}s")
         os.environ.update(s3_env(stack))
-        storage._clients.clear()
+        storage.reset_clients()
         bucket = stack.env.get("MOFI_S3_BUCKET", "mofi")
         for name in ("kb", "raw", "eval"):
             upload(os.path.join(s.local, name), f"s3://{bucket}/{name}")

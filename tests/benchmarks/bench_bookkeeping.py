@@ -149,7 +149,7 @@ def s3_part(sizes: list[int]) -> list[dict]:
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    storage._clients.clear()
+    storage.reset_clients()
     rows = []
     try:
         client = storage.s3_client()

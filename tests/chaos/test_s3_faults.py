@@ -24,11 +24,11 @@ def faulty_s3(moto_server, monkeypatch):
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
         monkeypatch.setenv("MOFI_S3_READ_TIMEOUT", "2")
-        storage._clients.clear()
+        storage.reset_clients()
         bucket = f"chaos{time.time_ns()}"
         storage.s3_client().create_bucket(Bucket=bucket)
         yield proxy, f"s3://{bucket}"
-        storage._clients.clear()
+        storage.reset_clients()
 
 
 def _pending_uploads(root: str) -> list:

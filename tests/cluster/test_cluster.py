@@ -57,7 +57,7 @@ def test_the_pipeline_runs_across_hosts_through_three_faults(
     )
     with mock.patch.dict(os.environ):  # the run points this process at its S3 server
         rep = scenario.run(settings)
-    storage._clients.clear()
+    storage.reset_clients()
     assert {h["name"] for h in rep["hosts"]} == {"head", "worker1", "worker2"}
     assert len({h["address"] for h in rep["hosts"]}) == 3
     # Spark's own record: executors on both worker hosts finished ner and vocab tasks

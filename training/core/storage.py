@@ -97,6 +97,14 @@ def s3_client():
         return client
 
 
+def reset_clients() -> None:
+    """Forget the cached clients, so the next ``s3_client()`` reads the environment as it is now
+    (after a change of endpoint or keys). Under the lock: a client another thread is creating
+    meanwhile (say a heartbeat, from the environment as it was) is not cached after the reset."""
+    with _client_lock:
+        _clients.clear()
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     cause = " ".join(str(exc).split()) or type(exc).__name__
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")

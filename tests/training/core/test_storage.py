@@ -178,7 +178,7 @@ def test_unreachable_s3_endpoint_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    storage._clients.clear()
+    storage.reset_clients()
     try:
         t0 = time.time()
         for call in (
@@ -194,7 +194,7 @@ def test_unreachable_s3_endpoint_is_one_clear_error(monkeypatch):
         assert time.time() - t0 < 60
         assert storage.s3_client().meta.config.retries.get("total_max_attempts") in (None, 2)
     finally:
-        storage._clients.clear()
+        storage.reset_clients()
 
 
 def test_a_reused_pid_keeps_no_dead_writers_temp_files(tmp_path):
@@ -215,21 +215,69 @@ def test_a_reused_pid_keeps_no_dead_writers_temp_files(tmp_path):
 
 def test_a_new_client_reads_the_credentials_the_environment_has_now(monkeypatch):
     """A process that points at another S3 server (new endpoint and keys, then
-    ``_clients.clear()``) must sign with the new keys: boto3's default session caches the
+    ``reset_clients()``) must sign with the new keys: boto3's default session caches the
     first credentials it resolved, which once made the cluster run sign for moto's."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
-    storage._clients.clear()
+    storage.reset_clients()
     first = storage.s3_client()._request_signer._credentials.get_frozen_credentials()
     assert first.access_key == "first-key"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "second-secret")
-    storage._clients.clear()
+    storage.reset_clients()
     second = storage.s3_client()._request_signer._credentials.get_frozen_credentials()
-    storage._clients.clear()
+    storage.reset_clients()
     assert (second.access_key, second.secret_key) == ("second-key", "second-secret")
+
+
+def test_a_client_created_during_a_reset_is_not_kept(monkeypatch):
+    """A thread (a heartbeat left by an earlier claim) creating a client from an environment
+    without keys while the main thread sets the keys and resets: the reset must not leave that
+    client cached. Unlocked, the reset ran before the thread stored its keyless client, and
+    the next ``s3_client()`` signed with none (CI: NoCredentialsError creating a bucket)."""
+    import threading
+
+    import boto3
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    storage.reset_clients()
+    created, go = threading.Event(), threading.Event()
+    real_client = boto3.session.Session.client
+
+    def slow_client(self, *args, **kwargs):
+        client = real_client(self, *args, **kwargs)  # keys resolved here, from the env now
+        if threading.current_thread().name == "beat":
+            created.set()
+            go.wait(10)
+        return client
+
+    monkeypatch.setattr(boto3.session.Session, "client", slow_client)
+    beat_client = []
+    beat = threading.Thread(target=lambda: beat_client.append(storage.s3_client()), name="beat")
+    beat.start()
+    assert created.wait(10)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "now-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "now-secret")
+    reset = threading.Thread(target=storage.reset_clients)
+    reset.start()
+    reset.join(0.5)
+    go.set()
+    beat.join(10)
+    reset.join(10)
+    try:
+        assert beat_client[0]._request_signer._credentials is None  # the fault: a keyless one
+        creds = storage.s3_client()._request_signer._credentials
+        assert creds is not None and creds.get_frozen_credentials().access_key == "now-key"
+    finally:
+        storage.reset_clients()
 
 
 def test_a_lease_whose_link_reported_failure_after_linking_is_ours(tmp_path, monkeypatch):

@@ -317,15 +317,24 @@ def main(spec_path: str) -> int:
     t0 = time.time()
     spark = SparkSession.builder.appName("mofi-vocab").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    # Arrow batches of a shard's size, not Spark's 10,000 rows: the images' features travel
-    # through them, and the Python worker's peak then stays flat as shards are added (unless
-    # the config's spark.extra_conf sets its own)
-    batch_rows = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    if not spark.sparkContext.getConf().contains(batch_rows):
-        spark.conf.set(batch_rows, "1000")
+    # Memory that does not grow with the pairs (each unless the config's spark.extra_conf sets
+    # its own): Arrow batches and the cached columns' batches of 1,000 rows, not 10,000 (the
+    # images' features travel through both: a task building a 10,000-row batch of them held
+    # ~100 MB); no broadcast joins, so the plan is the same at every size (the features, small
+    # enough at 1,000 pairs, were broadcast there and sort-merge joined above)
+    for key, value in (
+        ("spark.sql.execution.arrow.maxRecordsPerBatch", "1000"),
+        ("spark.sql.inMemoryColumnarStorage.batchSize", "1000"),
+        ("spark.sql.autoBroadcastJoinThreshold", "-1"),
+    ):
+        if not spark.sparkContext.getConf().contains(key):
+            spark.conf.set(key, value)
     vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running(markers.WHOLE_STAGE)
-    n_parts = max(1, min(len(spec["score_files"]), 2 * spark.sparkContext.defaultParallelism))
+    # one partition per shard: a task's data, and the per-task sort and aggregation buffers
+    # that hold it, stay one shard's as the shards grow (at 32,000 pairs, 32 shards, the JVM
+    # peaked at 0.84-0.87 GiB with 4 partitions, 2 per core; 0.85 with 8; 0.75 with 32)
+    n_parts = max(1, len(spec["score_files"]))
     scores, pairs_in, images_in = read(spark, spec, n_parts)
     weight = float(c["coherence_weight"]) if c["threshold_mode"] == "calibrated" else 0.0
     try:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline_tasks.runtime import markers, sealing, status
+from pipeline_tasks.runtime import heartbeats, markers, sealing, status
 from training.core import process
 
 
@@ -100,7 +100,7 @@ def test_status_requests_of_a_finished_build_do_not_grow_with_its_shards(s3_buck
             calls.append((params.get("Key", params.get("Prefix", "")), model.name))
 
     storage.s3_client().meta.events.register("before-parameter-build.s3.*", note)
-    monkeypatch.setattr(markers, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(heartbeats, "HEARTBEAT_S", 0.02)
     busy = markers.MarkerStore(f"{s3_bucket}/elsewhere/i2e_run/ner", "ner")
     busy.claim("00000")
     calls.clear()  # the claim's own write is no beat

@@ -12,7 +12,6 @@ checked, and Spark's own record of where its tasks ran.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -152,12 +151,6 @@ def _markers(store_dir: str) -> dict[str, str]:
     return out
 
 
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 def kill_gpu_host_during_scoring(
     host: Host, score_markers: str, timeout_s: float = 900
 ) -> dict[str, Any]:
@@ -177,10 +170,9 @@ def kill_gpu_host_during_scoring(
             if claim.get("host") == host.name:
                 # frozen, the host cannot finish the shard between this check and the kill
                 # (a shard done in that window left no claim to prove the fault by)
-                frozen = host.pids()
-                _signal(frozen, signal.SIGSTOP)
+                frozen = host.send_signal(signal.SIGSTOP)
                 if _markers(score_markers).get(running[0]) != "running":
-                    _signal(frozen, signal.SIGCONT)  # it finished meanwhile: the next claim
+                    host.send_signal(signal.SIGCONT, frozen)  # it finished: the next claim
                     continue
                 pids = host.kill_all()
                 after = _markers(score_markers)
@@ -225,11 +217,7 @@ def kill_a_torchrun_node(
             ckpts = []
         seen = {h.name: _training_pids(h) for h in hosts}
         if ckpts and seen[victim.name] and all(seen[h.name] for h in hosts if h.name != "head"):
-            for pid in seen[victim.name]:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
+            victim.send_signal(signal.SIGKILL, seen[victim.name])
             t0 = time.time()
             everyone = {(h, pid) for h, pids in seen.items() for pid in pids}
             while time.time() - t0 < gone_s:

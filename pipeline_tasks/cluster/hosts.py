@@ -77,19 +77,23 @@ class Host:
         out = sh("ip", "netns", "pids", self.netns, check=False).stdout
         return sorted(int(p) for p in out.split() if p.strip().isdigit())
 
+    def send_signal(self, sig: int, pids: list[int] | None = None) -> list[int]:
+        """Send ``sig`` to ``pids`` (default: every process of this host now); those pids."""
+        pids = self.pids() if pids is None else pids
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
     def kill_all(self, sig: int = signal.SIGKILL, wait_s: float = 20.0) -> list[int]:
         """Kill every process of this host; the pids killed. Raises when any survives."""
         killed: list[int] = []
         deadline = time.time() + wait_s
         while True:
-            pids = self.pids()
+            pids = self.send_signal(sig)
             if not pids:
                 return killed
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                if pid not in killed:
-                    killed.append(pid)
+            killed += [pid for pid in pids if pid not in killed]
             if time.time() > deadline:
                 raise HostError(f"{self.name}: processes {pids} survive {sig!r}")
             time.sleep(0.2)

@@ -36,12 +36,10 @@ class _Heartbeats:
         with self._lock:
             self._live.pop(uri, None)
 
-    def drop_all(self) -> list[str]:
-        """Stop beating for every claim (as this process's death would); returns their uris."""
+    def drop_all(self) -> None:
+        """Stop beating for every claim, as this process's death would."""
         with self._lock:
-            dropped = sorted(self._live)
             self._live.clear()
-            return dropped
 
     def record(self, uri: str) -> dict[str, Any] | None:
         """This process's claim record for ``uri`` (None when it holds none)."""

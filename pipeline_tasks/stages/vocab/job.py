@@ -322,12 +322,13 @@ def main(spec_path: str) -> int:
     # images' features travel through both: a task building a 10,000-row batch of them held
     # ~100 MB); no broadcast joins, so the plan is the same at every size (the features, small
     # enough at 1,000 pairs, were broadcast there and sort-merge joined above)
+    submitted = spark.sparkContext.getConf()
     for key, value in (
         ("spark.sql.execution.arrow.maxRecordsPerBatch", "1000"),
         ("spark.sql.inMemoryColumnarStorage.batchSize", "1000"),
         ("spark.sql.autoBroadcastJoinThreshold", "-1"),
     ):
-        if not spark.sparkContext.getConf().contains(key):
+        if not submitted.contains(key):
             spark.conf.set(key, value)
     vstore = RunLayout(spec["run_uri"]).store(VOCAB)
     vstore.mark_running(markers.WHOLE_STAGE)

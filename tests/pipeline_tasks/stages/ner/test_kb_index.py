@@ -130,6 +130,16 @@ def test_saved_index_is_mapped_and_links_the_same(nlp, kb_table, tmp_path):
     assert sum(1 for ms in mapped for m in ms if m["entity_id"]) > 300
 
 
+def test_sorted_order_search_finds_what_searchsorted_finds():
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(0, 1 << 62, 5000, dtype=np.int64)).astype(np.uint64)
+    for n in (0, 5, 63, 64, 3000):  # below and above the size where the queries are sorted
+        hits = rng.choice(keys, n // 2)  # present keys, repeated ones among them
+        misses = rng.integers(0, 1 << 63, n - n // 2, dtype=np.int64).astype(np.uint64)
+        q = rng.permutation(np.concatenate([hits, misses, keys[:1], keys[-1:]]))
+        assert np.array_equal(kb_index.search(keys, q), np.searchsorted(keys, q))
+
+
 def test_context_overlap_counts_each_rows_words(nlp, kb_table):
     from spacy.lang.en.stop_words import STOP_WORDS
 

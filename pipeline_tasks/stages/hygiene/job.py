@@ -9,7 +9,8 @@ scorer) go through, in order:
    ``eval_threshold``; found through the LSH buckets);
 3. ``exact_duplicate``: the same content hash as an image with a smaller (shard, key);
 4. ``near_duplicate``: connected to a smaller (shard, key) by copy pairs at
-   ``near_threshold`` (components by label propagation; the smallest keeps).
+   ``near_threshold`` (connected components, on the driver when the pairs are few enough,
+   else by label propagation; the smallest keeps).
 
 A pair is a copy at threshold ``t`` when its cosine reaches ``t``, or when its perceptual
 hashes differ in at most ``phash_distance`` bits and its cosine reaches
@@ -17,7 +18,7 @@ hashes differ in at most ``phash_distance`` bits and its cosine reaches
 pairs come from two kinds of bucket (``lsh``): random-hyperplane tables over the embeddings
 (each image in one bucket per table) and ``phash_distance + 1`` runs of the hash's bits
 (every pair within the distance shares one). Pairs are compared exactly only inside a
-bucket (a bucket larger than ``max_bucket`` compares its members to its first
+bucket (``pairs``; a bucket larger than ``max_bucket`` compares its members to its first
 ``max_bucket`` ones only). The job writes
 ``RUN/hygiene/dropped.parquet`` (shard, key, reason, matched, score) and the stage's marker
 with the drops by reason.
@@ -35,12 +36,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline_tasks.stages.hygiene.pairs import (
+    NO_HASH,
+    bucket_pairs,
+    bucket_rows,
+    component_labels,
+    copy_rule,
+)
+
 IMAGE_SCHEMA = (
     "shard string, key string, embedding array<float>, sha256 string, nsfw float, phash long"
 )
 EDGE_SCHEMA = "a string, b string, cos float, ham int"
 DROP_SCHEMA = "id string, reason string, matched string, score float, phash_distance int"
-NO_HASH = 99  # the distance of a pair when either image has no perceptual hash
 EVAL_PREFIX = "\x00eval/"  # sorts before every pool id; never a shard name
 
 
@@ -76,107 +84,12 @@ def read_images(batches):
             yield from pa.Table.from_pydict(cols).to_batches()
 
 
-def _matrix(col) -> np.ndarray:
-    """(n, dim) float32 of an Arrow list<float> column of equal-length rows."""
-    n = len(col)
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(n, -1) if n else flat.reshape(0, 1)
-
-
-def bucket_rows(hyperplanes: np.ndarray, tables: int, bands: int, batches):
-    """One row per (image, table): the image's bucket key in that table (ids only: the
-    embeddings join back for the buckets that hold two or more images). Tables
-    ``0 .. tables-1`` are the embedding's hyperplane tables, ``tables .. tables+bands-1``
-    the runs of its perceptual hash (none when ``bands`` is 0 or the image has no hash).
-    Arrow batches in and out (``mapInArrow``)."""
-    import pyarrow as pa
-
-    from pipeline_tasks.stages.hygiene import lsh
-
-    for rb in batches:
-        n = rb.num_rows
-        if not n:
-            continue
-        emb = lsh.normalize(_matrix(rb.column("embedding")))
-        k = lsh.keys(emb, hyperplanes, tables)  # (n, tables)
-        ids = np.asarray(rb.column("id").to_pylist(), dtype=object)
-        tbl = [np.tile(np.arange(tables, dtype=np.int32), n)]
-        bkey, rid = [k.reshape(-1)], [np.repeat(ids, tables)]
-        ph = rb.column("phash")
-        if bands and ph.null_count < n:
-            has = ~np.asarray(ph.is_null().to_numpy(zero_copy_only=False), bool)
-            hk = lsh.band_keys(ph.filter(pa.array(has)).to_numpy(), bands)  # (m, bands)
-            tbl.append(np.tile(np.arange(tables, tables + bands, dtype=np.int32), len(hk)))
-            bkey.append(hk.reshape(-1))
-            rid.append(np.repeat(ids[has], bands))
-        yield pa.RecordBatch.from_pydict(
-            {
-                "tbl": pa.array(np.concatenate(tbl)),
-                "bkey": pa.array(np.concatenate(bkey)),
-                "id": pa.array(np.concatenate(rid), pa.string()),
-            }
-        )
-
-
-def copy_rule(c: dict) -> tuple[int, float]:
-    """(phash_distance, phash_min_cosine); distance -1: by the cosine alone."""
-    return int(c.get("phash_distance", -1)), float(c.get("phash_min_cosine", 1.0))
-
-
-def bucket_pairs(
-    min_cos: float, max_bucket: int, rule: tuple[int, float], pdf: pd.DataFrame
-) -> pd.DataFrame:
-    """The copy pairs inside each bucket (tbl, bkey) of ``pdf`` (an ``applyInPandas`` group
-    holding many buckets: id, embedding, ph, has_ph): cosine >= ``min_cos``, or within
-    ``rule`` (hash bits, cosine); each as (smaller id, larger id, cosine, hash bits). A
-    bucket over ``max_bucket`` compares everything with its first ``max_bucket`` members
-    only."""
-    from pipeline_tasks.stages.hygiene import lsh
-    from pipeline_tasks.stages.score.phash import hamming
-
-    max_bits, floor = rule
-    out_a, out_b, out_c, out_h = [], [], [], []
-    for _, g in pdf.groupby(["tbl", "bkey"], sort=False):
-        if len(g) < 2:
-            continue
-        g = g.sort_values("id")
-        ids = g["id"].to_numpy()
-        x = lsh.normalize(np.stack(g["embedding"].to_numpy()))
-        sims = x[:max_bucket] @ x.T  # (leaders, all)
-        ph, has = g["ph"].to_numpy(np.int64), g["has_ph"].to_numpy(bool)
-        ham = np.where(
-            has[:max_bucket, None] & has[None, :],
-            hamming(ph[:max_bucket, None], ph[None, :]),
-            NO_HASH,
-        )
-        hit = (sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))
-        i, j = np.nonzero(hit)
-        keep = i < j  # each pair once, leaders against later members
-        i, j = i[keep], j[keep]
-        out_a.append(ids[i])
-        out_b.append(ids[j])
-        out_c.append(sims[i, j].astype(np.float32))
-        out_h.append(ham[i, j].astype(np.int32))
-    if not out_a:
-        none = np.array([], dtype=object)
-        return pd.DataFrame(
-            {"a": none, "b": none, "cos": np.array([], np.float32), "ham": np.array([], np.int32)}
-        )
-    return pd.DataFrame(
-        {
-            "a": np.concatenate(out_a),
-            "b": np.concatenate(out_b),
-            "cos": np.concatenate(out_c),
-            "ham": np.concatenate(out_h),
-        }
-    )
-
-
 def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_groups: int):
-    """(a, b, cos, ham) of every copy pair (``bucket_pairs``) that shares a bucket. Only
-    bucket keys travel through the first shuffle; the embeddings join back for the buckets
-    that hold two or more images, which are compared in ``n_groups`` groups of many buckets
-    (one Python call per group, not per bucket)."""
+    """(a, b, cos, ham) of every copy pair (``pairs.bucket_pairs``) that shares a bucket. Only
+    ids travel through the bucketing: the buckets that hold two or more images fall into
+    ``n_groups`` groups, and each group receives its memberships and, once per member
+    however many of the group's buckets it is in, the member's features (one Python call per
+    group; the features once per bucket membership were most of the job's time)."""
     from pyspark.sql import functions as F
 
     tables = int(c["lsh_tables"])
@@ -186,14 +99,15 @@ def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_gro
         "tbl int, bkey long, id string",
     )
     shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
-    emb = _with_hash(members)
-    rows = (
-        keyed.join(shared, ["tbl", "bkey"])
-        .join(emb, "id")
-        .withColumn("part", F.pmod(F.xxhash64("tbl", "bkey"), F.lit(n_groups)))
+    memb = keyed.join(shared, ["tbl", "bkey"]).withColumn(
+        "part", F.pmod(F.xxhash64("tbl", "bkey"), F.lit(n_groups))
     )
+    # columns of other origins than memb's (both sides of the cogroup would name the same ones)
+    need = memb.select(F.col("part").alias("vpart"), "id").distinct()
+    vecs = _with_hash(members).join(need, "id")
     return (
-        rows.groupBy("part")
+        memb.groupBy("part")
+        .cogroup(vecs.groupBy("vpart"))
         .applyInPandas(_pairs_at(thr, int(c["max_bucket"]), rule), EDGE_SCHEMA)
         .groupBy("a", "b")
         .agg(F.max("cos").alias("cos"), F.min("ham").alias("ham"))
@@ -213,8 +127,8 @@ def _with_hash(df):
 
 
 def _pairs_at(min_cos: float, max_bucket: int, rule: tuple[int, float]):
-    def pairs(pdf: pd.DataFrame) -> pd.DataFrame:  # a function, as applyInPandas expects
-        return bucket_pairs(min_cos, max_bucket, rule, pdf)
+    def pairs(memb: pd.DataFrame, vecs: pd.DataFrame) -> pd.DataFrame:  # as cogroup expects
+        return bucket_pairs(min_cos, max_bucket, rule, memb, vecs)
 
     return pairs
 
@@ -230,11 +144,23 @@ def is_copy(c: dict, threshold: float):
     return cond
 
 
-def components(spark, edges, max_rounds: int = 50):
-    """(id, label): every id on an edge with the smallest id of its connected component
-    (label propagation; each round is one join)."""
+def components(spark, edges, driver_max: int, max_rounds: int = 50):
+    """(id, label): every id on an edge with the smallest id of its connected component. Up
+    to ``driver_max`` edges: collected and grouped on the driver (``component_labels``: a
+    few seconds of Spark jobs fewer at small sizes); more: label propagation in Spark, one
+    join per round."""
     from pyspark.sql import functions as F
 
+    if driver_max > 0:
+        few = edges.select("a", "b").limit(driver_max + 1).toArrow()
+        if few.num_rows <= driver_max:
+            ids, labels = component_labels(
+                few.column("a").to_numpy(zero_copy_only=False),
+                few.column("b").to_numpy(zero_copy_only=False),
+            )
+            return spark.createDataFrame(
+                pd.DataFrame({"id": ids, "label": labels}), "id string, label string"
+            )
     both = edges.select("a", "b").union(edges.select(F.col("b").alias("a"), F.col("a").alias("b")))
     both = both.localCheckpoint()
     labels = both.groupBy("a").agg(F.least(F.min("b"), F.first("a")).alias("label"))
@@ -369,7 +295,7 @@ def find_drops(
             .join(ids.withColumnRenamed("id", "a"), "a")
             .join(ids.withColumnRenamed("id", "b"), "b")
         )
-        labels = components(spark, pool)
+        labels = components(spark, pool, int(c["driver_groups_max_pairs"]))
         dup = labels.filter(F.col("id") != F.col("label")).withColumnRenamed("label", "matched")
         emb = _with_hash(live)
         m_emb = emb.select([F.col(x).alias("m_" + x) for x in emb.columns])

@@ -98,6 +98,12 @@ class HygieneConfig(cfg.StageConfig):
         2000, "a larger LSH bucket compares its members with its first max_bucket ones only"
     )
     seed: int = cfg.field(0, "seed of the LSH hyperplanes (the same seed: the same drops)")
+    driver_groups_max_pairs: int = cfg.field(
+        2_000_000,
+        "near-duplicate groups are found on the driver when the copy pairs are at most this "
+        "many (one collect), else by label propagation in Spark (a join per round)",
+        output=False,
+    )
     spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")
 
     def validate(self) -> None:
@@ -109,6 +115,7 @@ class HygieneConfig(cfg.StageConfig):
         self._check(1 <= self.lsh_bits <= 63, "lsh_bits", "in [1, 63]")
         self._check(0.5 <= self.lsh_recall < 1.0, "lsh_recall", "in [0.5, 1)")
         self._check(self.max_bucket >= 2, "max_bucket", "must be >= 2")
+        self._check(self.driver_groups_max_pairs >= 0, "driver_groups_max_pairs", "must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +132,7 @@ class HygieneConfig(cfg.StageConfig):
         """What decided the drops (recorded with the stage and with every posted result)."""
         d = self.to_dict()
         d.pop("spark", None)
+        d.pop("driver_groups_max_pairs", None)  # where the groups are found, not which
         d["lsh_tables"] = self.lsh_tables()
         return d
 

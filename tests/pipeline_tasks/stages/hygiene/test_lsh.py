@@ -53,7 +53,7 @@ def test_hash_buckets_and_pairs_skip_images_without_a_hash():
     import pandas as pd
     import pyarrow as pa
 
-    from pipeline_tasks.stages.hygiene import job
+    from pipeline_tasks.stages.hygiene import pairs as hp
 
     rng = np.random.default_rng(0)
     e = lsh.normalize(rng.standard_normal((4, 16)))
@@ -67,24 +67,105 @@ def test_hash_buckets_and_pairs_skip_images_without_a_hash():
         }
     )
     planes = lsh.planes(16, 8, 2, seed=0)
-    (out,) = job.bucket_rows(planes, 2, 5, [rb])
+    (out,) = hp.bucket_rows(planes, 2, 5, [rb])
     rows = out.to_pydict()
     assert len(rows["id"]) == 4 * 2 + 3 * 5  # 2 tables each, 5 hash runs for the 3 hashed
     assert [i for i, t in zip(rows["id"], rows["tbl"], strict=True) if t >= 2].count("c") == 0
     cos01 = float(e[0] @ e[1])
     assert 0.5 < cos01 < 0.9, cos01
-    pdf = pd.DataFrame(
+    memb = pd.DataFrame({"tbl": 9, "bkey": 1, "id": ["d", "c", "b", "a"]})
+    vecs = pd.DataFrame(
         {
-            "tbl": 9,
-            "bkey": 1,
             "id": ["a", "b", "c", "d"],
             "embedding": list(e),
             "ph": [5, 5 ^ 0b1011, 5, 7],  # c's 0 stands in for its null
             "has_ph": [True, True, False, True],
         }
     )
-    pairs = job.bucket_pairs(0.9, 100, (4, 0.5), pdf)
+    pairs = hp.bucket_pairs(0.9, 100, (4, 0.5), memb, vecs)
     assert list(zip(pairs["a"], pairs["b"], pairs["ham"], strict=True)) == [("a", "b", 3)]
     assert pairs["cos"].iloc[0] == pytest.approx(cos01, abs=1e-5)
-    assert job.bucket_pairs(0.9, 100, (-1, 0.5), pdf).empty  # by the features alone
-    assert job.bucket_pairs(0.9, 100, (4, cos01 + 0.01), pdf).empty  # below the floor
+    assert hp.bucket_pairs(0.9, 100, (-1, 0.5), memb, vecs).empty  # by the features alone
+    assert hp.bucket_pairs(0.9, 100, (4, cos01 + 0.01), memb, vecs).empty  # below the floor
+
+
+def _pairs_one_bucket_at_a_time(min_cos, max_bucket, rule, memb, vecs) -> dict:
+    """What a bucket's pairs are, bucket by bucket (leaders: the first max_bucket by id)."""
+    from pipeline_tasks.stages.score.phash import hamming
+
+    by_id = vecs.set_index("id")
+    out = {}
+    for _, g in memb.groupby(["tbl", "bkey"]):
+        ids = sorted(g["id"])
+        x = lsh.normalize(np.stack(by_id.loc[ids, "embedding"].to_numpy()))
+        ph, has = by_id.loc[ids, "ph"].to_numpy(), by_id.loc[ids, "has_ph"].to_numpy()
+        for i in range(min(len(ids), max_bucket)):
+            for j in range(i + 1, len(ids)):
+                cos = float(x[i] @ x[j])
+                ham = int(hamming(ph[i], ph[j])) if has[i] and has[j] else 99
+                if cos >= min_cos or (ham <= rule[0] and cos >= rule[1]):
+                    out[(ids[i], ids[j])] = (cos, ham)
+    return out
+
+
+def test_buckets_compared_in_batches_find_each_buckets_own_pairs():
+    """Buckets of one size compared together, large ones one by one: the same pairs, cosines
+    and hash bits as each bucket alone; a pair in several buckets comes back once."""
+    import pandas as pd
+
+    from pipeline_tasks.stages.hygiene import pairs as hp
+
+    rng = np.random.default_rng(4)
+    n, dim = 400, 24
+    base = lsh.normalize(rng.standard_normal((40, dim)))
+    e = lsh.normalize(base[rng.integers(0, 40, n)] + 0.1 * rng.standard_normal((n, dim)))
+    ph = rng.integers(0, 1 << 62, n)
+    ph[1::3] = ph[0::3][: len(ph[1::3])] ^ 0b101  # hash near-twins, 2 bits apart
+    ids = np.array([f"{i:04d}" for i in rng.permutation(n)])
+    rows = []
+    for tbl, size in enumerate([2, 3, 5, 17, 64, 65, 150] * 3):  # batched, and one by one
+        for b in range(4):
+            rows += [(tbl, b, i) for i in rng.choice(ids, size, replace=False)]
+    memb = pd.DataFrame(rows, columns=["tbl", "bkey", "id"]).sample(frac=1, random_state=0)
+    vecs = pd.DataFrame({"id": ids, "embedding": list(e), "ph": ph, "has_ph": ph % 7 != 0})
+    for max_bucket, rule in ((2000, (4, 0.3)), (100, (4, 0.3)), (2000, (-1, 1.0))):
+        got = hp.bucket_pairs(0.8, max_bucket, rule, memb, vecs)
+        want = _pairs_one_bucket_at_a_time(0.8, max_bucket, rule, memb, vecs)
+        assert len(want) > 50, len(want)
+        keys = list(zip(got["a"], got["b"], strict=True))
+        assert len(keys) == len(set(keys)) and set(keys) == set(want)
+        for a, b, cos, ham in zip(got["a"], got["b"], got["cos"], got["ham"], strict=True):
+            assert cos == pytest.approx(want[(a, b)][0], abs=1e-5) and ham == want[(a, b)][1]
+
+
+def test_groups_on_one_machine_are_the_connected_components_labelled_by_their_smallest_id():
+    from pipeline_tasks.stages.hygiene import pairs as hp
+
+    rng = np.random.default_rng(2)
+    names = np.array([f"s/{i:05d}" for i in rng.permutation(3000)], dtype=object)
+    chain = rng.permutation(600)  # one long chain: many rounds of label propagation
+    edges = [(chain[k], chain[k + 1]) for k in range(599)]
+    star = 600 + rng.permutation(200)
+    edges += [(star[0], x) for x in star[1:]]
+    edges += [tuple(e) for e in rng.integers(800, 3000, (900, 2)) if e[0] != e[1]]
+    a = names[[e[0] for e in edges]]
+    b = names[[e[1] for e in edges]]
+    ids, labels = hp.component_labels(a, b)
+    # the reference: breadth-first search from each unseen id
+    nbr: dict[str, set] = {}
+    for x, y in zip(a, b, strict=True):
+        nbr.setdefault(x, set()).add(y)
+        nbr.setdefault(y, set()).add(x)
+    want, seen = {}, set()
+    for start in sorted(nbr):
+        if start in seen:
+            continue
+        comp, todo = {start}, [start]
+        while todo:
+            for y in nbr[todo.pop()] - comp:
+                comp.add(y)
+                todo.append(y)
+        seen |= comp
+        want.update({x: min(comp) for x in comp})
+    assert dict(zip(ids, labels, strict=True)) == want
+    assert want[names[chain[-1]]] == min(names[chain]) and len(set(want.values())) > 100

@@ -144,23 +144,22 @@ def is_copy(c: dict, threshold: float):
     return cond
 
 
-def components(spark, edges, driver_max: int, max_rounds: int = 50):
-    """(id, label): every id on an edge with the smallest id of its connected component. Up
-    to ``driver_max`` edges: collected and grouped on the driver (``component_labels``: a
-    few seconds of Spark jobs fewer at small sizes); more: label propagation in Spark, one
-    join per round."""
+def components(spark, edges, on_driver: bool, max_rounds: int = 50):
+    """(id, label): every id on an edge with the smallest id of its connected component.
+    ``on_driver``: the edges collected and grouped on the driver (``component_labels``: a few
+    seconds of Spark jobs fewer at small sizes); else label propagation in Spark, one join
+    per round."""
     from pyspark.sql import functions as F
 
-    if driver_max > 0:
-        few = edges.select("a", "b").limit(driver_max + 1).toArrow()
-        if few.num_rows <= driver_max:
-            ids, labels = component_labels(
-                few.column("a").to_numpy(zero_copy_only=False),
-                few.column("b").to_numpy(zero_copy_only=False),
-            )
-            return spark.createDataFrame(
-                pd.DataFrame({"id": ids, "label": labels}), "id string, label string"
-            )
+    if on_driver:
+        t = edges.select("a", "b").toArrow()
+        ids, labels = component_labels(
+            t.column("a").to_numpy(zero_copy_only=False),
+            t.column("b").to_numpy(zero_copy_only=False),
+        )
+        return spark.createDataFrame(
+            pd.DataFrame({"id": ids, "label": labels}), "id string, label string"
+        )
     both = edges.select("a", "b").union(edges.select(F.col("b").alias("a"), F.col("a").alias("b")))
     both = both.localCheckpoint()
     labels = both.groupBy("a").agg(F.least(F.min("b"), F.first("a")).alias("label"))
@@ -295,7 +294,8 @@ def find_drops(
             .join(ids.withColumnRenamed("id", "a"), "a")
             .join(ids.withColumnRenamed("id", "b"), "b")
         )
-        labels = components(spark, pool, int(c["driver_groups_max_pairs"]))
+        # the pairs in the pool are some of the pairs found: their count bounds the collect
+        labels = components(spark, pool, n_pairs <= int(c["driver_groups_max_pairs"]))
         dup = labels.filter(F.col("id") != F.col("label")).withColumnRenamed("label", "matched")
         emb = _with_hash(live)
         m_emb = emb.select([F.col(x).alias("m_" + x) for x in emb.columns])

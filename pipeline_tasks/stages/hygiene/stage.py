@@ -100,8 +100,8 @@ class HygieneConfig(cfg.StageConfig):
     seed: int = cfg.field(0, "seed of the LSH hyperplanes (the same seed: the same drops)")
     driver_groups_max_pairs: int = cfg.field(
         2_000_000,
-        "near-duplicate groups are found on the driver when the copy pairs are at most this "
-        "many (one collect), else by label propagation in Spark (a join per round)",
+        "near-duplicate groups are found on the driver when the copy pairs found are at most "
+        "this many (one collect), else by label propagation in Spark (a join per round)",
         output=False,
     )
     spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")

@@ -110,7 +110,7 @@ bench-map: setup
 # The hygiene stage on planted copies of real photographs (README "Hygiene"): recall per
 # kind, false removal, the threshold table, its cost against scoring. Writes runs/bench-hygiene.
 bench-hygiene: setup
-	$(PY) tests/benchmarks/bench_hygiene.py --out runs/bench-hygiene --demo-pairs 4000
+	$(PY) tests/benchmarks/bench_hygiene.py --out runs/bench-hygiene --demo-pairs 4000,16000
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,7 @@ The comparison runs on a group of many buckets at once (one ``cogroup`` call of 
 the group's bucket memberships (ids only) and each member's features once, however many of
 the group's buckets it is in. Buckets of one size are compared together, as one batched
 matrix product (per bucket, pandas and numpy calls cost more than the arithmetic: the
-demo's 3,786 images share ~30,000 buckets); only buckets larger than ``_BATCHED`` members go
+demo's 3,786 images share 37,184 buckets); only buckets larger than ``_BATCHED`` members go
 one by one.
 """
 

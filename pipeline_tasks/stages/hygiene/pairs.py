@@ -139,18 +139,16 @@ def bucket_pairs(
 
 def component_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels): every id on an edge (a[k], b[k]) and the smallest id of its connected
-    component, on one machine (what the job's label propagation computes in Spark). Min-label
-    propagation over the edges with pointer jumping: rounds grow with the log of the longest
-    chain, each a few numpy calls over all edges."""
+    component, on one machine (what the job's star rounds compute in Spark): scipy's
+    ``connected_components``, linear in the edges (min-label propagation in numpy took as
+    many rounds as a quarter of a chain's length: 51,471 for a chain of 200,000)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     ids, inv = np.unique(np.concatenate([a, b]), return_inverse=True)  # sorted: min index = min id
-    ia, ib = inv[: len(a)], inv[len(a) :]
-    label = np.arange(len(ids))
-    while True:
-        m = np.minimum(label[ia], label[ib])
-        new = label.copy()
-        np.minimum.at(new, ia, m)
-        np.minimum.at(new, ib, m)
-        new = new[new]
-        if np.array_equal(new, label):
-            return ids, ids[label]
-        label = new
+    n = len(ids)
+    graph = coo_matrix((np.ones(len(a), np.int8), (inv[: len(a)], inv[len(a) :])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    first = np.full(comp.max() + 1 if n else 0, n)
+    np.minimum.at(first, comp, np.arange(n))
+    return ids, ids[first[comp]]

@@ -101,7 +101,7 @@ class HygieneConfig(cfg.StageConfig):
     driver_groups_max_pairs: int = cfg.field(
         2_000_000,
         "near-duplicate groups are found on the driver when the copy pairs found are at most "
-        "this many (one collect), else by label propagation in Spark (a join per round)",
+        "this many (one collect), else in Spark (large-star / small-star rounds)",
         output=False,
     )
     spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")

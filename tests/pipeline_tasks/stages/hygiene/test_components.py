@@ -34,12 +34,15 @@ def spark(tmp_path_factory):
 
 def test_groups_in_spark_and_on_the_driver_agree(spark):
     rng = np.random.default_rng(5)
-    names = np.array([f"{i % 7:05d}/{i:06d}" for i in rng.permutation(2000)], dtype=object)
+    names = np.array([f"{i % 7:05d}/{i:06d}" for i in rng.permutation(2200)], dtype=object)
     edges = []
     for _ in range(10):  # chains of 12 (rounds of propagation), a star, random pairs
         chain = rng.choice(2000, 12, replace=False)
         edges += [(chain[k], chain[k + 1]) for k in range(11)]
     edges += [(1999, x) for x in rng.choice(1999, 30, replace=False)]
+    # a group of its own: a chain of 200 (label propagation needed more than 50 rounds)
+    chain = 2000 + rng.permutation(200)
+    edges += [(chain[k], chain[k + 1]) for k in range(199)]
     edges += [tuple(e) for e in rng.integers(0, 2000, (300, 2)) if e[0] != e[1]]
     a, b = names[[e[0] for e in edges]], names[[e[1] for e in edges]]
     df = spark.createDataFrame(list(zip(a.tolist(), b.tolist(), strict=True)), "a string, b string")
@@ -48,3 +51,4 @@ def test_groups_in_spark_and_on_the_driver_agree(spark):
     assert in_spark == on_driver
     assert len(in_spark) == len(set(a) | set(b)) and len(set(in_spark.values())) > 10
     assert all(label <= i for i, label in in_spark.items())
+    assert len({in_spark[names[x]] for x in chain}) == 1  # the long chain: one group

@@ -121,12 +121,17 @@ def bucket_pairs(
                 sims = np.matmul(xb, xb.transpose(0, 2, 1))[:, iu, ju]  # (B, pairs)
                 keep(members[:, iu].ravel(), members[:, ju].ravel(), sims.ravel())
             continue
-        for a in at.tolist():  # a large bucket: its leaders against every member
-            members = row[a : a + s]
+        for a in at.tolist():  # a large bucket: its leaders against every member, as matrices
+            members = row[a : a + s]  # (a flooded bucket's pairs are only indexed once found)
             lead = members[:max_bucket]
             sims = x[lead] @ x[members].T
-            i, j = np.nonzero(np.arange(len(lead))[:, None] < np.arange(s)[None, :])
-            keep(lead[i], members[j], sims[i, j])
+            both = has[lead, None] & has[None, members]
+            ham = np.where(both, hamming(ph[lead, None], ph[None, members]), NO_HASH)
+            hit = (sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))
+            i, j = np.nonzero(hit & (np.arange(len(lead))[:, None] < np.arange(s)[None, :]))
+            found.append(
+                (lead[i], members[j], sims[i, j].astype(np.float32), ham[i, j].astype(np.int32))
+            )
     if not found:
         return _empty()
     i, j, cos, ham = (np.concatenate(p) for p in zip(*found, strict=True))

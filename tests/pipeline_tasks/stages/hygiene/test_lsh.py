@@ -108,7 +108,7 @@ def _pairs_one_bucket_at_a_time(min_cos, max_bucket, rule, memb, vecs) -> dict:
     return out
 
 
-def test_buckets_compared_in_batches_find_each_buckets_own_pairs():
+def test_buckets_compared_in_batches_find_each_buckets_own_pairs(monkeypatch):
     """Buckets of one size compared together, large ones one by one: the same pairs, cosines
     and hash bits as each bucket alone; a pair in several buckets comes back once."""
     import pandas as pd
@@ -128,7 +128,10 @@ def test_buckets_compared_in_batches_find_each_buckets_own_pairs():
             rows += [(tbl, b, i) for i in rng.choice(ids, size, replace=False)]
     memb = pd.DataFrame(rows, columns=["tbl", "bkey", "id"]).sample(frac=1, random_state=0)
     vecs = pd.DataFrame({"id": ids, "embedding": list(e), "ph": ph, "has_ph": ph % 7 != 0})
-    for max_bucket, rule in ((2000, (4, 0.3)), (100, (4, 0.3)), (2000, (-1, 1.0))):
+    cases = ((2000, (4, 0.3), 1 << 23), (100, (4, 0.3), 1 << 23), (2000, (-1, 1.0), 1 << 23))
+    cases += ((2000, (4, 0.3), 24 * 8),)  # a batch of a few buckets: many batches per size
+    for max_bucket, rule, batch_floats in cases:
+        monkeypatch.setattr(hp, "_BATCH_FLOATS", batch_floats)
         got = hp.bucket_pairs(0.8, max_bucket, rule, memb, vecs)
         want = _pairs_one_bucket_at_a_time(0.8, max_bucket, rule, memb, vecs)
         assert len(want) > 50, len(want)
@@ -169,3 +172,5 @@ def test_groups_on_one_machine_are_the_connected_components_labelled_by_their_sm
         want.update({x: min(comp) for x in comp})
     assert dict(zip(ids, labels, strict=True)) == want
     assert want[names[chain[-1]]] == min(names[chain]) and len(set(want.values())) > 100
+    none = np.array([], dtype=object)
+    assert [len(x) for x in hp.component_labels(none, none)] == [0, 0]

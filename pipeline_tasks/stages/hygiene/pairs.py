@@ -6,7 +6,7 @@ the group's bucket memberships (ids only) and each member's features once, howev
 the group's buckets it is in. Buckets of one size are compared together, as one batched
 matrix product (per bucket, pandas and numpy calls cost more than the arithmetic: the
 demo's 3,786 images share 37,184 buckets); only buckets larger than ``_BATCHED`` members go
-one by one.
+one by one. ``component_labels`` groups the copy pairs found when the driver can hold them.
 """
 
 from __future__ import annotations
@@ -104,11 +104,13 @@ def bucket_pairs(
     max_bits, floor = rule
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def keep(i: np.ndarray, j: np.ndarray, sims: np.ndarray) -> None:
-        """The copy pairs among member rows (i, j) of cosines ``sims``."""
+    def keep(i: np.ndarray, j: np.ndarray, sims: np.ndarray, among=True) -> None:
+        """The copy pairs among member rows ``i`` x ``j`` (index arrays broadcast to the shape
+        of their cosines ``sims``; ``among``: which of those pairs count)."""
         ham = np.where(has[i] & has[j], hamming(ph[i], ph[j]), NO_HASH)
-        hit = (sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))
-        found.append((i[hit], j[hit], sims[hit].astype(np.float32), ham[hit].astype(np.int32)))
+        at = np.nonzero(((sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))) & among)
+        i, j = np.broadcast_to(i, sims.shape)[at], np.broadcast_to(j, sims.shape)[at]
+        found.append((i, j, sims[at].astype(np.float32), ham[at].astype(np.int32)))
 
     for s in np.unique(sizes[sizes >= 2]).tolist():
         at = starts[sizes == s]
@@ -124,14 +126,8 @@ def bucket_pairs(
         for a in at.tolist():  # a large bucket: its leaders against every member, as matrices
             members = row[a : a + s]  # (a flooded bucket's pairs are only indexed once found)
             lead = members[:max_bucket]
-            sims = x[lead] @ x[members].T
-            both = has[lead, None] & has[None, members]
-            ham = np.where(both, hamming(ph[lead, None], ph[None, members]), NO_HASH)
-            hit = (sims >= min_cos) | ((ham <= max_bits) & (sims >= floor))
-            i, j = np.nonzero(hit & (np.arange(len(lead))[:, None] < np.arange(s)[None, :]))
-            found.append(
-                (lead[i], members[j], sims[i, j].astype(np.float32), ham[i, j].astype(np.int32))
-            )
+            later = np.arange(len(lead))[:, None] < np.arange(s)[None, :]
+            keep(lead[:, None], members[None, :], x[lead] @ x[members].T, among=later)
     if not found:
         return _empty()
     i, j, cos, ham = (np.concatenate(p) for p in zip(*found, strict=True))

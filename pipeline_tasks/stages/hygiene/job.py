@@ -94,10 +94,14 @@ def candidate_pairs(members, hyperplanes: np.ndarray, c: dict, thr: float, n_gro
 
     tables = int(c["lsh_tables"])
     rule = copy_rule(c)
-    keyed = members.select("id", "embedding", "phash").mapInArrow(
-        partial(bucket_rows, hyperplanes, tables, rule[0] + 1 if rule[0] >= 0 else 0),
-        "tbl int, bkey long, id string",
-    )
+    keyed = (
+        members.select("id", "embedding", "phash")
+        .mapInArrow(
+            partial(bucket_rows, hyperplanes, tables, rule[0] + 1 if rule[0] >= 0 else 0),
+            "tbl int, bkey long, id string",
+        )
+        .localCheckpoint()
+    )  # read three times below: the projections are computed once
     shared = keyed.groupBy("tbl", "bkey").count().filter(F.col("count") > 1).drop("count")
     memb = keyed.join(shared, ["tbl", "bkey"]).withColumn(
         "part", F.pmod(F.xxhash64("tbl", "bkey"), F.lit(n_groups))

@@ -155,6 +155,14 @@ def _stages(raw: str, kb: str, run: str, scorer: str | None, hc) -> tuple:
     sres = run_score(score_c, raw, run, kb, False)
     sres.raise_if_failed()
     secs["score"] = time.time() - t0
+    # the Spark job first (local_max_images 0), then the stage as configured (one process
+    # at these sizes): the same drops, row for row, each timed from the stage's call
+    t0 = time.time()
+    sparked = run_hygiene(hc.replace(local_max_images=0), score_c, run, progress=False)
+    secs["hygiene_spark"] = time.time() - t0
+    dropped = os.path.join(run, "hygiene", "dropped.parquet")
+    spark_rows = pq.read_table(dropped)
+    shutil.rmtree(os.path.join(run, "score", "eval"), ignore_errors=True)  # both embed them
     t0 = time.time()
     hres = run_hygiene(hc, score_c, run, progress=False)
     secs["hygiene"] = time.time() - t0
@@ -163,15 +171,21 @@ def _stages(raw: str, kb: str, run: str, scorer: str | None, hc) -> tuple:
     score_alone = secs["score"] - nsfw_s - phash_s  # the score stage without hygiene's parts
     cost = {
         "pool_images": int(hres.extra["images_in"]),
+        "engine": hres.extra["engine"],
+        "engines_agree": spark_rows.equals(pq.read_table(dropped)),
         "seconds": {k: round(v, 1) for k, v in secs.items()},
         "score_without_nsfw_and_phash": round(score_alone, 1),
         "nsfw_seconds_in_score": round(nsfw_s, 1),
         "phash_seconds_in_score": round(phash_s, 2),
-        "spark_over_score": round(secs["hygiene"] / score_alone, 3),
+        "job_over_score": round(secs["hygiene"] / score_alone, 3),
+        "spark_over_score": round(secs["hygiene_spark"] / score_alone, 3),
         "nsfw_over_score": round(nsfw_s / score_alone, 3),
         "phash_over_score": round(phash_s / score_alone, 4),
+        # the step without NSFW (the demo recipe's) and with it (the production recipe's)
+        "without_nsfw_over_score": round((secs["hygiene"] + phash_s) / score_alone, 3),
         "hygiene_over_score": round((secs["hygiene"] + nsfw_s + phash_s) / score_alone, 3),
         "job_phase_seconds": hres.extra.get("phase_seconds"),
+        "spark_phase_seconds": sparked.extra.get("phase_seconds"),
     }
     return hres, cost
 
@@ -283,10 +297,12 @@ def cost_point(pairs: int, args) -> dict:
 
 def print_cost(r: dict) -> None:
     print(f"seconds {r['seconds']} (inside score: NSFW {r['nsfw_seconds_in_score']} s, pHash "
-          f"{r['phash_seconds_in_score']} s); over the score stage without them: Spark job "
-          f"{r['spark_over_score']}, NSFW {r['nsfw_over_score']}, pHash "
-          f"{r['phash_over_score']}, all {r['hygiene_over_score']}")  # fmt: skip
-    print(f"inside the Spark job (s): {r['job_phase_seconds']}")
+          f"{r['phash_seconds_in_score']} s); over the score stage without them: job "
+          f"({r['engine']}) {r['job_over_score']}, Spark job {r['spark_over_score']}, NSFW "
+          f"{r['nsfw_over_score']}, pHash {r['phash_over_score']}; the step without NSFW "
+          f"{r['without_nsfw_over_score']}, with it {r['hygiene_over_score']}")  # fmt: skip
+    print(f"the same drops from both engines: {r['engines_agree']}; phases (s): "
+          f"{r['engine']} {r['job_phase_seconds']}, Spark {r['spark_phase_seconds']}")  # fmt: skip
 
 
 def print_size(r: dict) -> None:
@@ -307,6 +323,27 @@ def print_size(r: dict) -> None:
         print(f"calibration ({title}):\nthr   " + " ".join(f"{c[:12]:>12}" for c in cols))
         for row in r[name]:
             print(f"{row['threshold']:.2f}  " + " ".join(f"{row[c]:>12}" for c in cols))
+
+
+def _fit(runs: list[dict], job: str, name: str) -> dict:
+    """Seconds per further image (smallest to largest run) and the least-squares lines
+    (seconds = fixed + per image x images) of ``job`` and score: where the job reaches 0.15
+    of the score stage, if both stay linear."""
+    n = [r["pool_images"] for r in runs]
+    lo, hi = runs[0], runs[-1]
+    per = {k: (hi[k] - lo[k]) / (hi["pool_images"] - lo["pool_images"]) for k in (job, "score")}
+    print(f"marginal seconds per image {n[0]} -> {n[-1]}: {name} {per[job]:.4f}, "
+          f"score {per['score']:.4f} (ratio {per[job] / per['score']:.3f})")  # fmt: skip
+    (bh, ah), (bs, as_) = (np.polyfit(n, [r[k] for r in runs], 1) for k in (job, "score"))
+    # a job's time cannot fall with more images: a slope below 0 is this machine's noise,
+    # and the crossing is then the one of a job with no per-image cost (a lower bound)
+    per_image = max(bh, 0.0)
+    cross = (ah - 0.15 * as_) / (0.15 * bs - per_image) if 0.15 * bs > per_image else float("inf")
+    print(f"fitted: {name} {ah:.1f} s + {bh * 1e3:.2f} ms/image, score {as_:.1f} s + "
+          f"{bs * 1e3:.2f} ms/image: {name} is <= 0.15 of score from about {cross:,.0f} "
+          "images" + (" (at least: the job's fitted slope is below 0, taken as 0)"
+                      if bh < 0 else ""))  # fmt: skip
+    return {f"{job}_marginal_seconds_per_image": per, f"{job}_at_0.15_of_score_from_images": cross}
 
 
 def main() -> int:
@@ -354,37 +391,17 @@ def main() -> int:
     results.sort(key=lambda r: r["pool_images"])
     for r in results:  # the seconds the marginal cost compares
         r["hygiene"], r["score"] = r["seconds"]["hygiene"], r["score_without_nsfw_and_phash"]
+        r["spark"] = r["seconds"]["hygiene_spark"]
     runs = list(results)
     if len(runs) >= 2:
         n = [r["pool_images"] for r in runs]
-        for stage in ("hygiene", "score"):
+        for stage in ("hygiene", "spark", "score"):
             ys = [math.log(r[stage]) for r in runs]
             slope = float(np.polyfit([math.log(x) for x in n], ys, 1)[0])
             print(f"\n{stage} time growth exponent over {n} pool images: {slope:.2f}")
             results.append({f"{stage}_growth_exponent": round(slope, 3)})
-        # seconds per further image, from the smallest to the largest run
-        lo, hi = runs[0], runs[-1]
-        per = {
-            k: (hi[k] - lo[k]) / (hi["pool_images"] - lo["pool_images"])
-            for k in ("hygiene", "score")
-        }
-        print(f"marginal seconds per image {n[0]} -> {n[-1]}: Spark job {per['hygiene']:.4f}, "
-              f"score {per['score']:.4f} (ratio {per['hygiene'] / per['score']:.3f})")  # fmt: skip
-        results.append({"marginal_seconds_per_image": per})
-        # least-squares lines (seconds = fixed + per image x images): where the job would reach
-        # 0.15 of the score stage, if both stay linear
-        (bh, ah), (bs, as_) = (np.polyfit(n, [r[k] for r in runs], 1) for k in ("hygiene", "score"))
-        # a job's time cannot fall with more images: a slope below 0 is this machine's noise,
-        # and the crossing is then the one of a job with no per-image cost (a lower bound)
-        per_image = max(bh, 0.0)
-        cross = (
-            (ah - 0.15 * as_) / (0.15 * bs - per_image) if 0.15 * bs > per_image else float("inf")
-        )
-        print(f"fitted: Spark job {ah:.1f} s + {bh * 1e3:.2f} ms/image, score {as_:.1f} s + "
-              f"{bs * 1e3:.2f} ms/image: the job is <= 0.15 of score from about {cross:,.0f} "
-              "images" + (" (at least: the job's fitted slope is below 0, taken as 0)"
-                          if bh < 0 else ""))  # fmt: skip
-        results.append({"job_at_0.15_of_score_from_images": cross})
+        for job, name in (("hygiene", "the job as configured"), ("spark", "the Spark job")):
+            results.append(_fit(runs, job, name))
     results.append({"nsfw_against_production_scorer": prod})
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -334,7 +334,6 @@ def find_drops(
 
 
 def main(spec_path: str) -> int:
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
@@ -342,7 +341,8 @@ def main(spec_path: str) -> int:
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import RunLayout
     from pipeline_tasks.stages.hygiene import lsh
-    from pipeline_tasks.stages.hygiene.stage import DROPPED_SCHEMA, STAGE
+    from pipeline_tasks.stages.hygiene.local import record
+    from pipeline_tasks.stages.hygiene.stage import STAGE
     from training.core import storage
 
     with open(spec_path) as f:
@@ -390,27 +390,9 @@ def main(spec_path: str) -> int:
         .toPandas()
     )
     secs["collect"] = time.time() - t1
-    table = pa.Table.from_pandas(dropped, schema=DROPPED_SCHEMA, preserve_index=False)
-    uri = layout.hygiene_dropped
-    with storage.open_write(uri) as f:
-        pq.write_table(table, f)
-    st = markers.ShardStats(n_in=int(n_in), n_out=int(n_in - len(dropped)), started_at=t0)
-    for reason, n in dropped["reason"].value_counts().sort_index().items():
-        st.drop(str(reason), int(n))
-    st.finished_at = time.time()
-    st.duration_s = round(st.finished_at - t0, 3)
-    st.extra = {
-        "images_in": int(n_in),
-        "images_kept": int(n_in - len(dropped)),
-        "eval_images": int(evals.count()) if evals is not None else 0,
-        "pairs_compared": int(n_pairs),
-        # where the job's time went (JVM and session start, reading, pairs, groups, collect)
-        "phase_seconds": {k: round(v, 2) for k, v in secs.items()},
-        "settings": spec["settings"],
-    }
-    markers.record_outputs(st, store.root, [uri])
-    store.mark_done(markers.WHOLE_STAGE, st)
-    print("MOFI_HYGIENE", json.dumps(st.extra), flush=True)
+    n_eval = evals.count() if evals is not None else 0
+    extra = record(spec, dropped, int(n_in), n_eval, n_pairs, secs, t0, "spark")
+    print("MOFI_HYGIENE", json.dumps(extra), flush=True)
     spark.stop()
     return 0
 

@@ -31,7 +31,7 @@ def bucket_rows(hyperplanes: np.ndarray, tables: int, bands: int, batches):
     features join back for the buckets that hold two or more images). Tables
     ``0 .. tables-1`` are the embedding's hyperplane tables, ``tables .. tables+bands-1``
     the runs of its perceptual hash (none when ``bands`` is 0 or the image has no hash).
-    Arrow batches in and out (``mapInArrow``)."""
+    Arrow batches in and out (``mapInArrow``); ids keep their type (``local``: int64 ranks)."""
     import pyarrow as pa
 
     from pipeline_tasks.stages.hygiene import lsh
@@ -42,7 +42,7 @@ def bucket_rows(hyperplanes: np.ndarray, tables: int, bands: int, batches):
             continue
         emb = lsh.normalize(matrix(rb.column("embedding")))
         k = lsh.keys(emb, hyperplanes, tables)  # (n, tables)
-        ids = np.asarray(rb.column("id").to_pylist(), dtype=object)
+        ids = rb.column("id").to_numpy(zero_copy_only=False)  # strings, or int64 ranks
         tbl = [np.tile(np.arange(tables, dtype=np.int32), n)]
         bkey, rid = [k.reshape(-1)], [np.repeat(ids, tables)]
         ph = rb.column("phash")
@@ -56,7 +56,7 @@ def bucket_rows(hyperplanes: np.ndarray, tables: int, bands: int, batches):
             {
                 "tbl": pa.array(np.concatenate(tbl)),
                 "bkey": pa.array(np.concatenate(bkey)),
-                "id": pa.array(np.concatenate(rid), pa.string()),
+                "id": pa.array(np.concatenate(rid), rb.schema.field("id").type),
             }
         )
 

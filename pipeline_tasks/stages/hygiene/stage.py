@@ -5,7 +5,8 @@ embedding, its content hash (img2dataset's ``sha256`` column when the raw parque
 else computed from the bytes the score stage read), its perceptual hash (``score/phash.py``)
 and, when enabled, its NSFW score. The registered evaluation folders (``eval_folders``: the
 GPR1200-layout folders `mofi eval` reads) are embedded and hashed once by the same scorer.
-The Spark job (``job.py``) groups globally and writes
+The Spark job (``job.py``) groups globally (a pool of at most ``local_max_images`` images:
+the same steps in this process, ``local.py``, without Spark's fixed cost) and writes
 
 * ``RUN/hygiene/dropped.parquet``: shard, key, reason, matched (the kept key or the eval
   file it copies), score (cosine, or the NSFW score), phash_distance (bits between the
@@ -104,6 +105,13 @@ class HygieneConfig(cfg.StageConfig):
         "this many (one collect), else in Spark (large-star / small-star rounds)",
         output=False,
     )
+    local_max_images: int = cfg.field(
+        50_000,
+        "a pool of at most this many scored images is done in this process with numpy "
+        "(local.py: the same steps and drops; Spark's fixed cost, ~15 s, is most of the job "
+        "below ~30,000 images), a larger one by the Spark job; 0: always Spark",
+        output=False,
+    )
     spark: SparkConfig = cfg.field(factory=SparkConfig, doc="Spark settings")
 
     def validate(self) -> None:
@@ -116,6 +124,7 @@ class HygieneConfig(cfg.StageConfig):
         self._check(0.5 <= self.lsh_recall < 1.0, "lsh_recall", "in [0.5, 1)")
         self._check(self.max_bucket >= 2, "max_bucket", "must be >= 2")
         self._check(self.driver_groups_max_pairs >= 0, "driver_groups_max_pairs", "must be >= 0")
+        self._check(self.local_max_images >= 0, "local_max_images", "must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -133,6 +142,7 @@ class HygieneConfig(cfg.StageConfig):
         d = self.to_dict()
         d.pop("spark", None)
         d.pop("driver_groups_max_pairs", None)  # where the groups are found, not which
+        d.pop("local_max_images", None)  # where the job runs, not what it drops
         d["lsh_tables"] = self.lsh_tables()
         return d
 
@@ -214,23 +224,65 @@ def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progres
             "settings": config.settings(),
         }
 
-    run_spark_stage(
-        JOB_SCRIPT,
-        config.spark,
-        STAGE,
-        [(store, [ShardTask(WHOLE_STAGE)])],
-        spec,
-        result,
-        layout.local_work_dir(),
-        progress,
-        whole=True,
-    )
+    if _pool_size(layout, done, config.local_max_images) <= config.local_max_images:
+        _run_local(layout, result, spec)
+    else:
+        run_spark_stage(
+            JOB_SCRIPT,
+            config.spark,
+            STAGE,
+            [(store, [ShardTask(WHOLE_STAGE)])],
+            spec,
+            result,
+            layout.local_work_dir(),
+            progress,
+            whole=True,
+        )
     st = store.read_done(WHOLE_STAGE)
     if st is None:
         err = store.read_all().get(WHOLE_STAGE, {}).get("error", "no marker")
         raise RuntimeError(f"hygiene job finished without a result: {err}")
     result.extra.update(skipped=not result.processed, drops=dict(st.drops), **(st.extra or {}))
     return result
+
+
+def _pool_size(layout: RunLayout, done, limit: int) -> int:
+    """The scored images (from the embeddings files' footers), counted until past ``limit``."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for s in done:
+        if n > limit:
+            break
+        with storage.open_read(layout.image_embeddings(s)) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
+
+
+def _run_local(layout: RunLayout, result: StageResult, spec) -> None:
+    """The job in this process (``local``), with the Spark stage's lifecycle: a done marker
+    whose outputs still match is kept, a failure is marked with its error and raised."""
+    import time
+
+    from training.core import tempfiles
+
+    from ...runtime import markers
+    from ...runtime.executor import collect_failures, pending_tasks
+    from . import local
+
+    store = layout.store(STAGE)
+    todo = pending_tasks(store, [ShardTask(WHOLE_STAGE)], result)
+    t0 = time.time()
+    if todo:
+        tempfiles.clean_temp(store.root)
+        try:
+            local.run(spec([todo]))
+        except Exception as e:
+            store.mark_failed(WHOLE_STAGE, f"hygiene failed: {e!r}", markers.ShardStats())
+            raise
+    result.processed = len(todo)
+    result.seconds = round(time.time() - t0, 2)
+    collect_failures(store, [WHOLE_STAGE], result)
 
 
 def _record_nothing_dropped(config: HygieneConfig, layout: RunLayout, done, result):

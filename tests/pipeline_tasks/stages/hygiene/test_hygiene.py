@@ -1,6 +1,6 @@
 """The hygiene stage over the shared build (``built``: real Spark local[2], the packaged
 scorer): exact duplicates, copies of evaluation images and near duplicates found, counted
-and audited, and left out of the vocabulary."""
+and audited, and left out of the vocabulary; the same drops in one process and in Spark."""
 
 from __future__ import annotations
 
@@ -139,6 +139,17 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     other = built["config"].score.replace(backend="open_clip", model="ViT-B-32:nowhere")
     res = hygiene.run_hygiene(c, other, str(run), False)
     res.raise_if_failed()
+    # a small pool is done in this process; the Spark job finds the same drops, row for row
+    assert res.extra["engine"] == "local"
+    on_spark = tmp_path / "on_spark"
+    for stage in ("scorer", "score"):
+        shutil.copytree(run / stage, on_spark / stage)
+    sres = hygiene.run_hygiene(c.replace(local_max_images=0), other, str(on_spark), False)
+    sres.raise_if_failed()
+    assert sres.extra["engine"] == "spark" and sres.extra["drops"] == res.extra["drops"]
+    assert sres.extra["settings"] == res.extra["settings"]
+    spark_rows = pq.read_table(on_spark / "hygiene" / "dropped.parquet")
+    assert spark_rows.equals(pq.read_table(run / "hygiene" / "dropped.parquet"))
     dropped = {f"{r['shard']}/{r['key']}": r for r in pq.read_table(
         run / "hygiene" / "dropped.parquet").to_pylist()}  # fmt: skip
 

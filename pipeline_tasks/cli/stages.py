@@ -265,7 +265,8 @@ def _add_filter_and_write(sub) -> None:
     s, ov = _stage_parser(
         sub,
         "hygiene",
-        "Spark job: drop duplicates, copies of evaluation images and unsafe images",
+        "Spark job (one process for small pools): drop duplicates, copies of evaluation "
+        "images and unsafe images",
         raw=False,
         kb=False,
     )
@@ -279,6 +280,14 @@ def _add_filter_and_write(sub) -> None:
         action="append",
         metavar="DIR",
         help="an evaluation folder whose copies are dropped (repeatable)",
+    )
+    ov.flag(
+        "--local-max-images",
+        "hygiene.local_max_images",
+        type=int,
+        metavar="N",
+        help="a pool of at most N images is done in this process, a larger one by Spark "
+        "(0: always Spark)",
     )
     _spark_flags(ov, "hygiene")
     s.set_defaults(fn=cmd_hygiene)

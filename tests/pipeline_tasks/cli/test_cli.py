@@ -86,10 +86,11 @@ def test_named_flags_and_set_reach_the_config():
     assert (v.threshold, v.threshold_mode) == (0.3, "absolute")  # a threshold is absolute
     args = build_parser().parse_args(
         ["hygiene", "--run", "x", "--eval-folder", "a", "--eval-folder", "s3://b/c"]
-        + ["--phash-distance", "-1", "--near-threshold", "0.93"]
+        + ["--phash-distance", "-1", "--near-threshold", "0.93", "--local-max-images", "0"]
     )
     h = pipeline_config(args).hygiene
     assert (h.eval_folders, h.phash_distance, h.near_threshold) == (("a", "s3://b/c"), -1, 0.93)
+    assert h.local_max_images == 0
     args = build_parser().parse_args(
         ["train", "--i2e", "i", "--out", "o", "--mode", "supervised", "--nnodes", "2"]
         + ["--rdzv-endpoint", "head:29400"]

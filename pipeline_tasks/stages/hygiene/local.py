@@ -65,7 +65,7 @@ class _Pool:
         self.ph = t.column("phash").fill_null(0).to_numpy().astype(np.int64)
 
 
-def _frame(pool: _Pool, rows, reason: str, matched, score, bits) -> pd.DataFrame:
+def _frame(rows, reason: str, matched, score, bits) -> pd.DataFrame:
     rows = np.asarray(rows, np.int64)
     return pd.DataFrame(
         {
@@ -144,7 +144,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
     live = np.ones(pool.n, bool)
     if c["nsfw"]:
         bad = np.nonzero(live & (pool.nsfw >= float(c["nsfw_threshold"])))[0]  # NaN: False
-        drops.append(_frame(pool, bad, "nsfw", [None] * len(bad), pool.nsfw[bad], pd.NA))
+        drops.append(_frame(bad, "nsfw", [None] * len(bad), pool.nsfw[bad], pd.NA))
         live[bad] = False
     near_on = bool(c["near_duplicates"])
     eval_on = bool(c["decontaminate"]) and evals is not None
@@ -153,7 +153,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         first = files.groupby(evals["sha256"]).min()
         hit = pd.Series(pool.sha).map(first).to_numpy(object)
         same = np.nonzero(live & pd.notna(pool.sha) & pd.notna(hit))[0]
-        drops.append(_frame(pool, same, "eval_copy", hit[same], 1.0, 0))
+        drops.append(_frame(same, "eval_copy", hit[same], 1.0, 0))
         live[same] = False
     n_pairs = 0
     if near_on or eval_on:
@@ -177,7 +177,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         files = [f[len(EVAL_PREFIX) :] for f in m["ids"][a[at]]]
         bits = pd.array(np.where(ham[at] < NO_HASH, ham[at], -1), dtype="Int32")
         bits[bits == -1] = pd.NA
-        drops.append(_frame(pool, rows, "eval_copy", files, cos[at], bits))
+        drops.append(_frame(rows, "eval_copy", files, cos[at], bits))
         live[rows] = False
     if c["exact_duplicates"]:  # the same bytes as an image with a smaller id
         rows = np.nonzero(live & pd.notna(pool.sha))[0]
@@ -187,7 +187,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         r = dup["row"].to_numpy(np.int64)
         bits = pd.array(np.where(pool.has_ph[r], 0, -1), dtype="Int32")
         bits[bits == -1] = pd.NA
-        drops.append(_frame(pool, r, "exact_duplicate", dup["matched"].to_numpy(object), 1.0,
+        drops.append(_frame(r, "exact_duplicate", dup["matched"].to_numpy(object), 1.0,
                             bits))  # fmt: skip
         live[r] = False
     if near_on:
@@ -207,7 +207,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         if near is not None:
             near.insert(0, "row", r)
             drops.append(near.drop(columns="id").reset_index(drop=True))
-    out = pd.concat(drops, ignore_index=True) if drops else _frame(pool, [], "", [], 0.0, 0)
+    out = pd.concat(drops, ignore_index=True) if drops else _frame([], "", [], 0.0, 0)
     return out, n_pairs
 
 

@@ -224,7 +224,8 @@ def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progres
             "settings": config.settings(),
         }
 
-    if _pool_size(layout, done, config.local_max_images) <= config.local_max_images:
+    limit = config.local_max_images
+    if limit and _pool_size(layout, done, limit) <= limit:  # 0: always Spark
         _run_local(layout, result, spec)
     else:
         run_spark_stage(

@@ -60,7 +60,9 @@ class _Pool:
         )
         self.emb = matrix(t.column("embedding").combine_chunks()) if self.n else None
         self.sha = t.column("sha256").to_numpy(zero_copy_only=False)
-        self.nsfw = t.column("nsfw").to_numpy(zero_copy_only=False).astype(np.float64)
+        nsfw = t.column("nsfw")
+        self.nsfw = nsfw.to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+        self.nsfw_nan = nsfw.is_valid().to_numpy(zero_copy_only=False) & np.isnan(self.nsfw)
         self.has_ph = t.column("phash").is_valid().to_numpy(zero_copy_only=False)
         self.ph = t.column("phash").fill_null(0).to_numpy().astype(np.int64)
 
@@ -143,7 +145,9 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
     drops: list[pd.DataFrame] = []
     live = np.ones(pool.n, bool)
     if c["nsfw"]:
-        bad = np.nonzero(live & (pool.nsfw >= float(c["nsfw_threshold"])))[0]  # NaN: False
+        # a NaN score goes (Spark orders NaN above every number), a missing one stays
+        unsafe = (pool.nsfw >= float(c["nsfw_threshold"])) | pool.nsfw_nan
+        bad = np.nonzero(live & unsafe)[0]
         drops.append(_frame(bad, "nsfw", [None] * len(bad), pool.nsfw[bad], pd.NA))
         live[bad] = False
     near_on = bool(c["near_duplicates"])
@@ -229,8 +233,8 @@ def run(spec: dict) -> dict:
     files = spec["embedding_files"]
     src = pa.RecordBatch.from_pydict({"shard": [s for s, _ in files], "uri": [u for _, u in files]})
     batches = list(read_images([src]))
-    t = pa.Table.from_batches(batches) if batches else None
-    pool = _Pool(t) if t is not None else None
+    pool = _Pool(pa.Table.from_batches(batches)) if batches else None
+    del batches  # the pool holds what it needs
     secs = {"start": 0.0, "read": time.time() - t0}
     evals = None
     if spec.get("eval_file"):

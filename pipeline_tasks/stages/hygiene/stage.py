@@ -199,11 +199,7 @@ def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progres
     store = layout.store(STAGE)
     result = StageResult(stage=STAGE, out=layout.stage_dir(STAGE), shards=len(done))
     saved = storage.join(layout.stage_dir(STAGE), HygieneConfig.file_name())
-    if (
-        store.is_done(WHOLE_STAGE)
-        and storage.exists(saved)
-        and storage.read_text(saved).strip() != config.to_json().strip()
-    ):
+    if store.is_done(WHOLE_STAGE) and storage.exists(saved) and not _same_drops(saved, config):
         store.unmark_done(WHOLE_STAGE)  # other settings: the drops are computed again
     store.write_plan([WHOLE_STAGE])
     config.save(layout.stage_dir(STAGE))
@@ -245,6 +241,17 @@ def _run_hygiene(config: HygieneConfig, score_config, layout: RunLayout, progres
         raise RuntimeError(f"hygiene job finished without a result: {err}")
     result.extra.update(skipped=not result.processed, drops=dict(st.drops), **(st.extra or {}))
     return result
+
+
+def _same_drops(saved: str, config: HygieneConfig) -> bool:
+    """Whether the saved config's settings decide the same drops as ``config``'s (where and
+    how the job runs, Spark or one process, may differ: nothing is recomputed for that)."""
+    from training.core.inputs import InputError
+
+    try:
+        return HygieneConfig.load(saved).settings() == config.settings()
+    except (InputError, cfg.ConfigError, ValueError):  # another version's file: recompute
+        return False
 
 
 def _pool_size(layout: RunLayout, done, limit: int) -> int:

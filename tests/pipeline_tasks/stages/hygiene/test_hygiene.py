@@ -200,6 +200,10 @@ def test_drops_are_found_counted_audited_and_left_out_of_the_vocabulary(built, t
     # the same settings again: nothing recomputed
     again = hygiene.run_hygiene(c, built["config"].score.replace(nsfw=True), str(run), False)
     assert again.extra["skipped"]
+    # nor with only where it runs changed (Spark now): the same settings decide the drops
+    moved = c.replace(local_max_images=0, driver_groups_max_pairs=0)
+    again = hygiene.run_hygiene(moved, built["config"].score.replace(nsfw=True), str(run), False)
+    assert again.extra["skipped"] and again.extra["engine"] == "local"
 
     # vocab leaves every dropped image out of the labels
     vres = vocab.run_vocab(built["config"].vocab, str(run), built["kb"], progress=False)

@@ -233,6 +233,25 @@ def _cosine_to(rows: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         )
 
 
+def read_evals(uri: str | None) -> pd.DataFrame | None:
+    """The evaluation images (``stage``'s eval file: file, embedding, sha256, phash) with
+    their ids (``EVAL_PREFIX`` + file); None when there are none. A missing hash stays
+    null (Int64): a 64-bit hash through float64 would lose its low bits."""
+    if not uri:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.core import storage
+
+    with storage.open_read(uri) as f:
+        et = pq.read_table(f).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    if not len(et):
+        return None
+    et["id"] = EVAL_PREFIX + et["file"]
+    return et
+
+
 def _eval_file(col):
     """The evaluation file of an eval id (the id without ``EVAL_PREFIX``)."""
     from pyspark.sql import functions as F
@@ -334,7 +353,6 @@ def find_drops(
 
 
 def main(spec_path: str) -> int:
-    import pyarrow.parquet as pq
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
@@ -343,7 +361,6 @@ def main(spec_path: str) -> int:
     from pipeline_tasks.stages.hygiene import lsh
     from pipeline_tasks.stages.hygiene.local import record
     from pipeline_tasks.stages.hygiene.stage import STAGE
-    from training.core import storage
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -367,16 +384,13 @@ def main(spec_path: str) -> int:
     )
     n_in = images.count()
     secs = {"start": t_start - t0, "read": time.time() - t_start}
+    et = read_evals(spec.get("eval_file"))
     evals = None
-    if spec.get("eval_file"):
-        with storage.open_read(spec["eval_file"]) as f:
-            et = pq.read_table(f).to_pandas()
-        if len(et):
-            et["id"] = EVAL_PREFIX + et["file"]
-            evals = spark.createDataFrame(
-                et[["id", "embedding", "sha256", "phash"]],
-                "id string, embedding array<float>, sha256 string, phash long",
-            )
+    if et is not None:
+        evals = spark.createDataFrame(
+            et[["id", "embedding", "sha256", "phash"]],
+            "id string, embedding array<float>, sha256 string, phash long",
+        )
     dim = len(images.select("embedding").first()["embedding"]) if n_in else 1
     planes = lsh.planes(dim, int(c["lsh_bits"]), int(c["lsh_tables"]), int(c["seed"]))
     t1 = time.time()

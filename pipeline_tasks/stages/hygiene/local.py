@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline_tasks.stages.hygiene.job import EVAL_PREFIX, _cosine_to, read_images
+from pipeline_tasks.stages.hygiene.job import EVAL_PREFIX, _cosine_to, read_evals, read_images
 from pipeline_tasks.stages.hygiene.pairs import (
     NO_HASH,
     bucket_pairs,
@@ -46,8 +46,8 @@ def copy_mask(c: dict, threshold: float, cos: np.ndarray, ham: np.ndarray) -> np
 
 
 class _Pool:
-    """The scored images (id order as read) and, for the bucketing, the members: the live
-    images and the evaluation images, sorted by id (a member's row is its rank)."""
+    """The scored images, in the order read: ids, features, content and perceptual hashes,
+    NSFW scores (``_members`` sorts the live ones with the evaluation images by id)."""
 
     def __init__(self, t: pa.Table):
         import pyarrow.compute as pc
@@ -179,8 +179,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         at = at[last]
         rows = m["row"][b[at]]
         files = [f[len(EVAL_PREFIX) :] for f in m["ids"][a[at]]]
-        bits = pd.array(np.where(ham[at] < NO_HASH, ham[at], -1), dtype="Int32")
-        bits[bits == -1] = pd.NA
+        bits = pd.arrays.IntegerArray(ham[at].astype(np.int32), mask=ham[at] >= NO_HASH)
         drops.append(_frame(rows, "eval_copy", files, cos[at], bits))
         live[rows] = False
     if c["exact_duplicates"]:  # the same bytes as an image with a smaller id
@@ -189,8 +188,7 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
         df["matched"] = df.groupby("sha")["id"].transform("min")
         dup = df[df["id"] != df["matched"]]
         r = dup["row"].to_numpy(np.int64)
-        bits = pd.array(np.where(pool.has_ph[r], 0, -1), dtype="Int32")
-        bits[bits == -1] = pd.NA
+        bits = pd.arrays.IntegerArray(np.zeros(len(r), np.int32), mask=~pool.has_ph[r])
         drops.append(_frame(r, "exact_duplicate", dup["matched"].to_numpy(object), 1.0,
                             bits))  # fmt: skip
         live[r] = False
@@ -218,13 +216,10 @@ def find_drops(c: dict[str, Any], pool: _Pool, evals, planes: np.ndarray, secs: 
 def run(spec: dict) -> dict:
     """The job of ``spec`` (``stage``'s, as ``job.main`` gets it): the dropped images
     written and the stage's marker done; returns the marker's extra."""
-    import pyarrow.parquet as pq
-
     from pipeline_tasks.runtime import markers
     from pipeline_tasks.runtime.layout import RunLayout
     from pipeline_tasks.stages.hygiene import lsh
-    from pipeline_tasks.stages.hygiene.stage import STAGE
-    from training.core import storage
+    from pipeline_tasks.stages.hygiene.stage import DROPPED_SCHEMA, STAGE
 
     t0 = time.time()
     c = spec["config"]
@@ -236,15 +231,9 @@ def run(spec: dict) -> dict:
     pool = _Pool(pa.Table.from_batches(batches)) if batches else None
     del batches  # the pool holds what it needs
     secs = {"start": 0.0, "read": time.time() - t0}
-    evals = None
-    if spec.get("eval_file"):
-        with storage.open_read(spec["eval_file"]) as f:
-            et = pq.read_table(f).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-        if len(et):
-            et["id"] = EVAL_PREFIX + et["file"]
-            evals = et
+    evals = read_evals(spec.get("eval_file"))
     t1 = time.time()
-    cols = ["shard", "key", "reason", "matched", "score", "phash_distance"]
+    cols = DROPPED_SCHEMA.names
     dropped, n_pairs = pd.DataFrame({k: [] for k in cols}), 0
     if pool is not None:
         dim = pool.emb.shape[1]
@@ -273,8 +262,9 @@ def record(spec, dropped: pd.DataFrame, n_in: int, n_eval: int, n_pairs: int, se
 
     layout = RunLayout(spec["run_uri"])
     store = layout.store(STAGE)
-    cols = ["shard", "key", "reason", "matched", "score", "phash_distance"]
-    table = pa.Table.from_pandas(dropped[cols], schema=DROPPED_SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(
+        dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False
+    )
     uri = layout.hygiene_dropped
     with storage.open_write(uri) as f:
         pq.write_table(table, f)

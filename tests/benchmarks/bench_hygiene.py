@@ -136,6 +136,8 @@ def _stages(raw: str, kb: str, run: str, scorer: str | None, hc) -> tuple:
     """ner, score (with NSFW) and hygiene (``hc``) on a fresh run: (seconds, the score
     result, the hygiene result, the cost ratios)."""
     from pipeline_tasks import recipes
+    from pipeline_tasks.runtime.layout import HYGIENE, RunLayout
+    from pipeline_tasks.runtime.markers import WHOLE_STAGE
     from pipeline_tasks.stages.hygiene.stage import run_hygiene
     from pipeline_tasks.stages.ner.stage import run_ner
     from pipeline_tasks.stages.score.stage import ensure_scorer, run_score
@@ -164,9 +166,13 @@ def _stages(raw: str, kb: str, run: str, scorer: str | None, hc) -> tuple:
     dropped = os.path.join(run, "hygiene", "dropped.parquet")
     spark_rows = pq.read_table(dropped)
     shutil.rmtree(os.path.join(run, "score", "eval"), ignore_errors=True)  # both embed them
+    # the same settings would keep the Spark job's result: withdraw it to compute again
+    RunLayout(run).store(HYGIENE).unmark_done(WHOLE_STAGE)
     t0 = time.time()
     hres = run_hygiene(hc, score_c, run, progress=False)
     secs["hygiene"] = time.time() - t0
+    if hres.extra["skipped"] or not hres.processed:
+        raise RuntimeError("the configured hygiene run computed nothing: its time would be 0")
     nsfw_s = float(sres.extra.get("nsfw_seconds", 0.0))
     phash_s = float(sres.extra.get("phash_seconds", 0.0))
     score_alone = secs["score"] - nsfw_s - phash_s  # the score stage without hygiene's parts

@@ -254,7 +254,7 @@ def _same_drops(saved: str, config: HygieneConfig) -> bool:
         return False
 
 
-def _pool_size(layout: RunLayout, done, limit: int) -> int:
+def _pool_size(layout: RunLayout, done, limit: float = float("inf")) -> int:
     """The scored images (from the embeddings files' footers), counted until past ``limit``."""
     import pyarrow.parquet as pq
 
@@ -305,10 +305,7 @@ def _record_nothing_dropped(config: HygieneConfig, layout: RunLayout, done, resu
         result.extra.update(skipped=True)
         return result
     t0 = time.time()
-    n = 0
-    for s in done:
-        with storage.open_read(layout.image_embeddings(s)) as f:
-            n += pq.ParquetFile(f).metadata.num_rows
+    n = _pool_size(layout, done)
     uri = layout.hygiene_dropped
     with storage.open_write(uri) as f:
         pq.write_table(pa.Table.from_pylist([], schema=DROPPED_SCHEMA), f)
